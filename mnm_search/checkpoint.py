@@ -1,0 +1,227 @@
+"""Checkpoints: a directory with `config.json` and `model.safetensors`. Never pickle.
+
+`config.json` is flat: the `ModelConfig` fields at the top level (so an exported model's
+per-layer `ffn_widths` is plain to see) plus metadata keys (`format`, `storage_dtype`,
+`training`, `source_fingerprint`, `quality`, `latency`, ...).
+
+The fingerprint identifies a model's architecture and weights, independent of the dtype the
+weights were stored in, so it is stable across save/load round trips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mnm_search.config import ModelConfig
+from mnm_search.errors import CheckpointError, ConfigError
+from mnm_search.model import MatLM
+
+FORMAT = "mnm-matlm"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (fp32, eval mode) and what is known about it."""
+
+    model: MatLM
+    config: ModelConfig
+    fingerprint: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def default_checkpoint_path() -> Path:
+    """Directory of the embedded default universal checkpoint inside the package."""
+    return Path(str(resources.files("mnm_search").joinpath("default_checkpoint")))
+
+
+def fingerprint(model: MatLM) -> str:
+    """Stable short hash of the architecture and the fp32 values of every weight."""
+    digest = hashlib.sha256()
+    arch = {k: v for k, v in model.config.to_dict().items()}
+    digest.update(json.dumps(arch, sort_keys=True).encode())
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(list(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@contextmanager
+def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that becomes `out` only if the block succeeds.
+
+    An interrupted or failed write leaves `out` untouched (old content or nothing).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another path or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_checkpoint_files(
+    directory: Path,
+    model: MatLM,
+    *,
+    metadata: dict[str, Any] | None = None,
+    storage_dtype: str = "float32",
+) -> None:
+    """Write `config.json` and `model.safetensors` into an existing directory."""
+    if storage_dtype not in _DTYPES:
+        raise ConfigError(
+            f"storage_dtype must be one of {', '.join(_DTYPES)}, got {storage_dtype!r}"
+        )
+    tensors = {
+        name: tensor.detach().to("cpu", _DTYPES[storage_dtype]).contiguous()
+        for name, tensor in model.state_dict().items()
+    }
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+    config = {"format": FORMAT, **model.config.to_dict(), "storage_dtype": storage_dtype}
+    config.update(metadata or {})
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_checkpoint(
+    model: MatLM,
+    out: str | Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+    storage_dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
+    """Save atomically as a checkpoint directory; return its path."""
+    out = Path(out)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_checkpoint_files(tmp, model, metadata=metadata, storage_dtype=storage_dtype)
+    return out
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{path} holds only pickle files ({', '.join(pickles)}); mnm never unpickles "
+                f"because loading a pickle can run arbitrary code. Convert the weights to "
+                f"safetensors (e.g. safetensors.torch.save_file on a state dict you trust) "
+                f"next to a config.json"
+            )
+        raise CheckpointError(f"{path} has no {CONFIG_FILE}; is it a checkpoint directory?")
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object")
+    return data
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        hint = (
+            f"; found pickle files ({', '.join(pickles)}) that mnm never loads: convert them to "
+            f"safetensors"
+            if pickles
+            else ""
+        )
+        raise CheckpointError(f"{path} has no {WEIGHTS_FILE}{hint}")
+    try:
+        return load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{weights_path} is corrupt or truncated ({exc}); re-copy or re-export it"
+        ) from exc
+
+
+def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
+    """Load a universal or exported checkpoint (None: the embedded default)."""
+    path = default_checkpoint_path() if path is None else Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path} is a file; a checkpoint is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
+    data = _read_config(path)
+    if data.get("format") not in (None, FORMAT):
+        raise CheckpointError(
+            f"{path} has format {data.get('format')!r}; this loader reads {FORMAT!r} checkpoints"
+        )
+    try:
+        config = ModelConfig.from_dict(data)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {exc}") from exc
+    tensors = _load_tensors(path)
+
+    with torch.device("meta"):
+        model = MatLM(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing[:6])}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(unexpected[:6])}")
+        raise CheckpointError(
+            f"{path / WEIGHTS_FILE} does not match {CONFIG_FILE} ({'; '.join(parts)})"
+        )
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(
+                f"tensor {name} has shape {list(tensors[name].shape)} but {CONFIG_FILE} "
+                f"implies {list(shape)}; the config and weights do not belong together"
+            )
+        if not tensors[name].is_floating_point():
+            raise CheckpointError(f"tensor {name} has dtype {tensors[name].dtype}, not float")
+        if not torch.isfinite(tensors[name]).all():
+            raise CheckpointError(f"tensor {name} holds NaN or infinite values")
+    state = {name: t.to(torch.float32) for name, t in tensors.items()}
+    model.load_state_dict(state, assign=True)
+    model.eval()
+    metadata = {k: v for k, v in data.items() if k not in config.to_dict()}
+    return Checkpoint(
+        model=model, config=config, fingerprint=fingerprint(model), metadata=metadata, path=path
+    )
+
+
+def load_model(path: str | Path | None = None) -> MatLM:
+    """Universal or exported checkpoint directory -> model in eval mode (None: the default)."""
+    return load_checkpoint(path).model

@@ -1,0 +1,35 @@
+"""The `mnm` command line: a thin typer app; each command lives in a `_*.py` module here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mnm_search.cli import _core
+
+app = typer.Typer(
+    name="mnm",
+    help="Find the best Mix'n'Match submodel of a MatFormer checkpoint for your hardware.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+app.command(name="info")(_core.info)
+app.command(name="eval")(_core.eval_command)
+app.command(name="train")(_core.train)
+app.command(name="demo")(_core.demo)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,291 @@
+"""Core commands: info, eval, train, demo."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mnm_search.checkpoint import Checkpoint, load_checkpoint
+from mnm_search.cli._common import (
+    DEFAULT_EVAL_TOKENS,
+    CkptArg,
+    DataOpt,
+    JsonOpt,
+    err,
+    out,
+    print_json,
+    progress_bar,
+    user_errors,
+)
+from mnm_search.config import format_widths, param_count, parse_widths
+from mnm_search.data import load_eval_set
+from mnm_search.evaluator import evaluate_loss
+from mnm_search.train import PRESETS, Trainer, TrainSettings
+
+
+def _count_configs(checkpoint: Checkpoint) -> dict[str, int]:
+    g, layers = len(checkpoint.config.granularities), checkpoint.config.n_layers
+    return {"mix_n_match": g**layers, "with_skips": (g + 1) ** layers}
+
+
+@user_errors
+def info(ckpt: CkptArg = None, as_json: JsonOpt = False) -> None:
+    """Describe a checkpoint: family, layers, granularities, parameters, provenance.
+
+    Example: mnm info --json
+    """
+    checkpoint = load_checkpoint(ckpt)
+    config = checkpoint.config
+    uniform = {
+        name: param_count(config, config.uniform_widths(g))
+        for name, g in zip(config.granularity_names, config.granularities)
+        if config.is_universal
+    }
+    data: dict[str, Any] = {
+        "path": str(checkpoint.path),
+        "family": config.family,
+        "kind": "universal" if config.is_universal else "exported",
+        "n_layers": config.n_layers,
+        "d_model": config.d_model,
+        "n_heads": config.n_heads,
+        "d_ff": config.d_ff,
+        "vocab_size": config.vocab_size,
+        "max_seq_len": config.max_seq_len,
+        "granularities": list(config.granularities),
+        "granularity_names": config.granularity_names,
+        "params": param_count(config),
+        "params_uniform": uniform,
+        "n_configs": _count_configs(checkpoint),
+        "fingerprint": checkpoint.fingerprint,
+        "training": checkpoint.metadata.get("training"),
+    }
+    if not config.is_universal:
+        data["ffn_widths"] = config.physical_widths
+        data["source_fingerprint"] = checkpoint.metadata.get("source_fingerprint")
+    if as_json:
+        print_json(data)
+        return
+    table = Table(title=f"{config.family} checkpoint {checkpoint.path}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("kind", data["kind"])
+    table.add_row("fingerprint", checkpoint.fingerprint)
+    table.add_row(
+        "shape",
+        f"{config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, "
+        f"d_ff {config.d_ff}, vocab {config.vocab_size}, context {config.max_seq_len}",
+    )
+    table.add_row(
+        "granularities",
+        ", ".join(f"{n}={g}" for n, g in zip(config.granularity_names, config.granularities)),
+    )
+    if not config.is_universal:
+        table.add_row("ffn widths", format_widths(config.physical_widths, config))
+    table.add_row("parameters", f"{data['params']:,}")
+    for name, count in uniform.items():
+        table.add_row(f"  uniform {name}", f"{count:,}")
+    if config.is_universal:
+        n = data["n_configs"]
+        table.add_row(
+            "Mix'n'Match configs", f"{n['mix_n_match']:,} ({n['with_skips']:,} with skips)"
+        )
+    training = checkpoint.metadata.get("training")
+    if training:
+        table.add_row("trained with", str(training.get("command") or "?"))
+        table.add_row("corpus", str(training.get("corpus")))
+        table.add_row(
+            "training",
+            f"{training.get('step')} steps, {training.get('tokens_seen', 0):,} tokens, "
+            f"{training.get('tokens_per_second')} tokens/s",
+        )
+        if training.get("val_losses"):
+            losses = ", ".join(f"{k} {v:.4f}" for k, v in training["val_losses"].items())
+            table.add_row("val loss (nats)", losses)
+        if training.get("unigram_val_loss"):
+            table.add_row("unigram baseline", f"{training['unigram_val_loss']:.4f}")
+    out.print(table)
+
+
+@user_errors
+def eval_command(
+    ckpt: CkptArg = None,
+    widths: Annotated[
+        str | None,
+        typer.Option(
+            "--widths", "-w", help="One width per layer: S,M,L,XL, g0.., integers, 0 = skip, X*N."
+        ),
+    ] = None,
+    data: DataOpt = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, help="Evaluate on at most this many tokens.")
+    ] = DEFAULT_EVAL_TOKENS,
+    as_json: JsonOpt = False,
+) -> None:
+    """Loss, perplexity and parameters of one Mix'n'Match configuration.
+
+    Example: mnm eval --widths S,S,M,L,XL,XL --json
+    """
+    checkpoint = load_checkpoint(ckpt)
+    config = checkpoint.config
+    resolved = parse_widths(widths, config) if widths is not None else config.physical_widths
+    eval_set = load_eval_set(data, seq_len=config.max_seq_len, max_tokens=max_tokens)
+    started = time.perf_counter()
+    loss = evaluate_loss(checkpoint.model, eval_set, resolved)
+    seconds = time.perf_counter() - started
+    result: dict[str, Any] = {
+        "widths": resolved,
+        "widths_compact": format_widths(resolved, config),
+        "loss": round(loss, 6),
+        "perplexity": round(math.exp(loss), 4),
+        "params": param_count(config, resolved),
+        "n_tokens": eval_set.n_tokens,
+        "data": str(data) if data else "bundled validation text",
+        "fingerprint": checkpoint.fingerprint,
+        "eval_seconds": round(seconds, 3),
+    }
+    if as_json:
+        print_json(result)
+        return
+    table = Table(title=f"eval {result['widths_compact']}")
+    for column in ("loss (nats/token)", "perplexity", "params", "tokens", "seconds"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{loss:.4f}",
+        f"{math.exp(loss):.3f}",
+        f"{result['params']:,}",
+        f"{eval_set.n_tokens:,}",
+        f"{seconds:.2f}",
+    )
+    out.print(table)
+
+
+@user_errors
+def train(
+    out_dir: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write/resume.")],
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Text file or directory (default: the built-in corpus)."),
+    ] = None,
+    preset: Annotated[
+        str, typer.Option("--preset", help=f"Model size: {', '.join(PRESETS)}.")
+    ] = "default",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Total optimizer steps.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for init and data order.")] = 0,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Sequences per step.")
+    ] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")] = 100,
+    eval_every: Annotated[int, typer.Option("--eval-every", min=1)] = 250,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 250,
+    sample_granularity: Annotated[
+        bool,
+        typer.Option(
+            "--sample-granularity",
+            help="Train one random granularity per step instead of averaging all of them.",
+        ),
+    ] = False,
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32, or bf16 autocast (faster on CPUs with bf16).")
+    ] = "fp32",
+) -> None:
+    """Train a universal MatFormer model with nested (all-granularity) training.
+
+    Re-running the same command resumes from the last checkpoint in --out.
+
+    Example: mnm train --out my-matlm --preset small --steps 2000
+    """
+    settings = TrainSettings(
+        preset=preset,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup_steps=warmup,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        granularity_mode="sample" if sample_granularity else "all",
+        precision=precision,
+        data=str(data) if data is not None else None,
+    )
+    command = "mnm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else ""
+    with progress_bar(transient=False) as progress:
+        task = progress.add_task("training", total=steps, status="")
+
+        def on_progress(event: dict[str, Any]) -> None:
+            losses = " ".join(f"{k} {v:.3f}" for k, v in event["losses"].items())
+            status = f"{event['tokens_per_second']:,.0f} tok/s  loss {losses}"
+            progress.update(task, completed=event["step"], status=status)
+            if "val_losses" in event:
+                val = " ".join(f"{k} {v:.4f}" for k, v in event["val_losses"].items())
+                progress.console.print(f"step {event['step']}: validation loss {val}")
+
+        trainer = Trainer(settings, out_dir, command=command, on_progress=on_progress)
+        progress.update(task, completed=trainer.step)
+        if trainer.step:
+            progress.console.print(f"resuming {out_dir} at step {trainer.step}")
+        try:
+            result = trainer.run()
+        except KeyboardInterrupt:
+            err.print(
+                f"[yellow]Interrupted; saved step {trainer.step} to {out_dir}. "
+                f"Re-run the same command to resume.[/]"
+            )
+            raise typer.Exit(code=130) from None
+    val = ", ".join(f"{k} {v:.4f}" for k, v in result.val_losses.items())
+    out.print(
+        f"Trained {result.step} steps ({result.tokens_per_second:,.0f} tokens/s) -> "
+        f"{result.out}\nvalidation loss: {val}"
+    )
+
+
+@user_errors
+def demo(
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer evaluation tokens.")] = False,
+) -> None:
+    """Run the pipeline on the embedded default checkpoint.
+
+    Example: mnm demo --quick
+    """
+    checkpoint = load_checkpoint(None)
+    config = checkpoint.config
+    eval_set = load_eval_set(
+        None, seq_len=config.max_seq_len, max_tokens=4096 if quick else DEFAULT_EVAL_TOKENS
+    )
+    n = config.n_layers
+    candidates = [[g] * n for g in config.granularities]
+    # A few Mix'n'Match configurations: widths growing with depth (the paper's heuristic).
+    grans = config.granularities
+    candidates += [
+        [grans[min(len(grans) - 1, i * len(grans) // n)] for i in range(n)],
+        [grans[0]] * (n // 2) + [grans[-1]] * (n - n // 2),
+        [grans[1]] * (n // 2) + [grans[2]] * (n - n // 2),
+    ]
+    table = Table(
+        title=f"Mix'n'Match configurations of the default checkpoint ({eval_set.n_tokens:,} tokens)"
+    )
+    for column in ("widths", "params", "loss (nats/token)", "perplexity"):
+        table.add_column(column, justify="right")
+    with progress_bar() as progress:
+        task = progress.add_task("evaluating", total=len(candidates), status="")
+        rows = []
+        for widths in candidates:
+            loss = evaluate_loss(checkpoint.model, eval_set, widths)
+            rows.append((widths, loss))
+            progress.advance(task)
+    for widths, loss in sorted(rows, key=lambda r: param_count(config, r[0])):
+        table.add_row(
+            format_widths(widths, config),
+            f"{param_count(config, widths):,}",
+            f"{loss:.4f}",
+            f"{math.exp(loss):.3f}",
+        )
+    out.print(table)

@@ -1,0 +1,155 @@
+"""Text for training and evaluation: user files or the built-in corpus, as byte tokens.
+
+The built-in corpus is text that ships with every CPython: the documentation topics in
+`pydoc_data` and the standard library's own source. Each document is assigned to train or
+validation by a hash of its name, so the split is fixed. The validation text used for the
+default checkpoint ships inside the package (`bundled/validation.txt`) so that evaluations are
+identical on every machine and Python version.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from mnm_search.errors import DataError
+
+VOCAB_SIZE = 256  # byte-level tokens
+_VALIDATION_SHARE = 20  # one document in this many goes to validation
+_SKIP_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "__pycache__",
+}
+
+
+def encode(text: str) -> torch.Tensor:
+    """UTF-8 bytes as int64 token ids."""
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+
+def decode(tokens: torch.Tensor) -> str:
+    return bytes(tokens.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+def _is_validation(name: str) -> bool:
+    return zlib.crc32(name.encode("utf-8")) % _VALIDATION_SHARE == 0
+
+
+def builtin_documents() -> Iterator[tuple[str, str]]:
+    """(name, text) for every document of the built-in corpus, in a fixed order."""
+    from pydoc_data import topics
+
+    for key in sorted(topics.topics):
+        yield f"pydoc:{key}", topics.topics[key]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        relative = path.relative_to(stdlib)
+        if _SKIP_DIRS.intersection(relative.parts[:-1]):
+            continue
+        try:
+            yield f"stdlib:{relative.as_posix()}", path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+
+
+def builtin_split(*, max_validation_chars: int = 200_000) -> tuple[str, str]:
+    """(train text, validation text) of the built-in corpus; validation capped in size."""
+    train_parts: list[str] = []
+    validation_parts: list[str] = []
+    validation_chars = 0
+    for name, text in builtin_documents():
+        if _is_validation(name) and validation_chars < max_validation_chars:
+            validation_parts.append(text)
+            validation_chars += len(text)
+        elif not _is_validation(name):
+            train_parts.append(text)
+    return "\n".join(train_parts), "\n".join(validation_parts)[:max_validation_chars]
+
+
+def bundled_validation_text() -> str:
+    """The validation text that ships inside the package."""
+    return resources.files("mnm_search").joinpath("bundled/validation.txt").read_text("utf-8")
+
+
+def read_text_data(path: str | Path) -> str:
+    """Text of a file, or of every `*.txt`/`*.md`/`*.py` file under a directory, sorted."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*") if p.suffix in {".txt", ".md", ".py"} and p.is_file()
+        )
+        if not files:
+            raise DataError(f"no .txt, .md or .py files under {path}")
+        text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    elif path.is_file():
+        text = path.read_text(encoding="utf-8", errors="replace")
+    else:
+        raise DataError(f"data path {path} does not exist")
+    if not text.strip():
+        raise DataError(f"data path {path} holds no text")
+    return text
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Fixed evaluation batches: non-overlapping windows of `seq_len + 1` tokens."""
+
+    inputs: torch.Tensor  # [n_windows, seq_len]
+    targets: torch.Tensor  # [n_windows, seq_len]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.targets.numel()
+
+
+def make_eval_set(tokens: torch.Tensor, *, seq_len: int, max_tokens: int | None = None) -> EvalSet:
+    """Cut `tokens` into windows; each window predicts its own next tokens."""
+    window = seq_len + 1
+    n_windows = tokens.numel() // window
+    if max_tokens is not None:
+        n_windows = min(n_windows, max(1, max_tokens // seq_len))
+    if n_windows == 0:
+        raise DataError(
+            f"evaluation text has {tokens.numel()} tokens; at least {window} are needed "
+            f"for one window of seq_len={seq_len}"
+        )
+    windows = tokens[: n_windows * window].view(n_windows, window)  # [N, seq_len + 1]
+    return EvalSet(inputs=windows[:, :-1].contiguous(), targets=windows[:, 1:].contiguous())
+
+
+def load_eval_set(
+    data: str | Path | None, *, seq_len: int, max_tokens: int | None = None
+) -> EvalSet:
+    """Evaluation set from a user's text file or directory, or the bundled validation text."""
+    text = bundled_validation_text() if data is None else read_text_data(data)
+    return make_eval_set(encode(text), seq_len=seq_len, max_tokens=max_tokens)
+
+
+def sample_batch(
+    tokens: torch.Tensor, *, batch_size: int, seq_len: int, seed: int, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random training windows for `step`, determined only by (seed, step).
+
+    Tying the draw to the step (not to a running generator) is what makes a resumed run see
+    exactly the data order an uninterrupted run would have seen.
+    """
+    if tokens.numel() <= seq_len + 1:
+        raise DataError(
+            f"training text has {tokens.numel()} tokens; more than {seq_len + 1} are needed"
+        )
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=generator)
+    offsets = torch.arange(seq_len + 1)
+    windows = tokens[starts[:, None] + offsets[None, :]]  # [B, seq_len + 1]
+    return windows[:, :-1], windows[:, 1:]
