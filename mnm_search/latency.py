@@ -1,0 +1,243 @@
+"""The latency model: predict any Mix'n'Match configuration's latency from a profile JSON.
+
+A profile holds a per-layer, per-width table of FFN times measured in isolation, the fixed
+costs (embedding, attention, norms, head) and a least-squares calibration fitted on measured
+end-to-end latencies of physically sliced models:
+
+    latency_ms = c0 + c1 * sum_i ffn_ms[i](w_i) + c2 * sum_i w_i / d_ff
+
+The table alone ("naive": fixed costs + table) misses what isolation hides: weights that stay
+in cache when one FFN runs alone but stream from memory in a whole model, and the glue
+between ops. The second term scales the table; the third charges per weight streamed.
+Widths between the measured ones are interpolated linearly (the JSON says which were measured).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnm_search.errors import ProfileError, WidthsError
+from mnm_search.targets import HardwareTarget, hardware_differences, machine_facts
+
+PROFILE_FORMAT = "mnm-latency-profile"
+PROFILE_VERSION = 1
+FEATURES = ("constant", "ffn_table_ms", "ffn_width_fraction")
+INTERPOLATION = (
+    "linear in width between measured widths; below the smallest measured width, linear "
+    "extrapolation of the two smallest (floored at 0); width 0 (skipped FFN) costs 0"
+)
+
+
+class LatencyModel:
+    """Predicts end-to-end latency (ms) of a configuration on one target for one checkpoint."""
+
+    def __init__(
+        self,
+        *,
+        target: HardwareTarget,
+        fingerprint: str,
+        d_ff: int,
+        measured_widths: Sequence[int],
+        ffn_ms: Sequence[Sequence[float]],
+        fixed_ms: float,
+        coefficients: Sequence[float] | None = None,
+    ) -> None:
+        widths = [int(w) for w in measured_widths]
+        if not widths or widths != sorted(set(widths)) or widths[0] <= 0:
+            raise ProfileError(
+                f"measured_widths must be strictly increasing positive widths, got {widths}"
+            )
+        if not ffn_ms or any(len(row) != len(widths) for row in ffn_ms):
+            raise ProfileError(
+                f"ffn_ms must hold one row of {len(widths)} times per layer, got "
+                f"{[len(row) for row in ffn_ms]}"
+            )
+        if coefficients is not None and len(coefficients) != len(FEATURES):
+            raise ProfileError(
+                f"coefficients must hold {len(FEATURES)} values ({', '.join(FEATURES)}), "
+                f"got {list(coefficients)}"
+            )
+        self.target = target
+        self.fingerprint = fingerprint
+        self.d_ff = int(d_ff)
+        self.measured_widths = widths
+        self.ffn_table = np.asarray(ffn_ms, dtype=float)  # [n_layers, len(measured_widths)]
+        self.fixed_ms = float(fixed_ms)
+        self.coefficients = list(coefficients) if coefficients is not None else None
+
+    @property
+    def n_layers(self) -> int:
+        return self.ffn_table.shape[0]
+
+    def ffn_ms(self, layer: int, width: int) -> float:
+        """Isolated FFN time of `layer` at `width` (interpolated between measured widths)."""
+        if width == 0:
+            return 0.0
+        xs, ys = self.measured_widths, self.ffn_table[layer]
+        if width >= xs[0] or len(xs) == 1:
+            if len(xs) == 1:
+                return float(ys[0]) * min(width / xs[0], 1.0)
+            return float(np.interp(width, xs, ys))
+        slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
+        return max(0.0, float(ys[0] + slope * (width - xs[0])))
+
+    def _check(self, widths: Sequence[int]) -> list[int]:
+        widths = [int(w) for w in widths]
+        if len(widths) != self.n_layers:
+            raise WidthsError(
+                f"got {len(widths)} widths, but the profile has {self.n_layers} layers"
+            )
+        for layer, width in enumerate(widths):
+            if width < 0 or width > self.d_ff:
+                raise WidthsError(f"layer {layer}: width {width} is outside [0, {self.d_ff}]")
+        return widths
+
+    def features(self, widths: Sequence[int]) -> list[float]:
+        widths = self._check(widths)
+        table = sum(self.ffn_ms(layer, w) for layer, w in enumerate(widths))
+        return [1.0, table, sum(widths) / self.d_ff]
+
+    def naive_ms(self, widths: Sequence[int]) -> float:
+        """Fixed costs plus the isolated per-layer FFN times, without calibration."""
+        return self.fixed_ms + self.features(widths)[1]
+
+    def predict_ms(self, widths: Sequence[int]) -> float:
+        """Calibrated end-to-end latency of `widths` in milliseconds."""
+        if self.coefficients is None:
+            return self.naive_ms(widths)
+        return float(np.dot(self.coefficients, self.features(widths)))
+
+    def interpolated_layers(self, widths: Sequence[int]) -> list[int]:
+        """Layers whose width was not measured (their time is interpolated)."""
+        return [
+            layer
+            for layer, w in enumerate(self._check(widths))
+            if w != 0 and w not in self.measured_widths
+        ]
+
+    def fit(self, samples: Sequence[tuple[Sequence[int], float]]) -> LatencyModel:
+        """Least-squares calibration on (widths, measured ms) pairs; sets and returns self.
+
+        Rows are weighted by 1/measured so the fit minimises relative error, which is what
+        MAPE and the ±10 % share report.
+        """
+        if len(samples) < len(FEATURES) + 1:
+            raise ProfileError(
+                f"calibration needs at least {len(FEATURES) + 1} measured configurations, "
+                f"got {len(samples)}"
+            )
+        x = np.array([self.features(widths) for widths, _ in samples])
+        y = np.array([ms for _, ms in samples], dtype=float)
+        coef, *_ = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)
+        self.coefficients = [float(c) for c in coef]
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "measured_widths": self.measured_widths,
+            "ffn_ms": self.ffn_table.round(6).tolist(),
+            "fixed_ms": round(self.fixed_ms, 6),
+            "features": list(FEATURES),
+            "coefficients": self.coefficients,
+            "interpolation": INTERPOLATION,
+        }
+
+    @classmethod
+    def from_profile(cls, profile: dict[str, Any]) -> LatencyModel:
+        """Build from a profile dict (as `profile_checkpoint` returns or the JSON holds)."""
+        if not isinstance(profile, dict):
+            raise ProfileError("a latency profile must be a JSON object")
+        if profile.get("format") != PROFILE_FORMAT:
+            raise ProfileError(
+                f"not an mnm latency profile (format {profile.get('format')!r}, expected "
+                f"{PROFILE_FORMAT!r}); write one with `mnm profile`"
+            )
+        try:
+            model = profile["latency_model"]
+            target = HardwareTarget.from_dict(profile["target"], source="profile target")
+            return cls(
+                target=target,
+                fingerprint=str(profile["checkpoint"]["fingerprint"]),
+                d_ff=int(profile["checkpoint"]["d_ff"]),
+                measured_widths=model["measured_widths"],
+                ffn_ms=model["ffn_ms"],
+                fixed_ms=float(model["fixed_ms"]),
+                coefficients=model["coefficients"],
+            )
+        except KeyError as exc:
+            raise ProfileError(
+                f"latency profile lacks {exc.args[0]!r}; re-run `mnm profile`"
+            ) from None
+        except (TypeError, ValueError) as exc:
+            raise ProfileError(f"latency profile has an invalid value: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path, *, fingerprint: str | None = None) -> LatencyModel:
+        """Read a profile JSON; refuse another checkpoint's, warn about other hardware."""
+        path = Path(path)
+        if not path.is_file():
+            raise ProfileError(f"latency profile {path} does not exist; create it: mnm profile")
+        try:
+            profile = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ProfileError(
+                f"latency profile {path} is corrupt (not valid JSON: {exc}); re-run mnm profile"
+            ) from None
+        try:
+            model = cls.from_profile(profile)
+        except ProfileError as exc:
+            raise ProfileError(f"{path}: {exc}") from None
+        if fingerprint is not None and model.fingerprint != fingerprint:
+            raise ProfileError(
+                f"latency profile {path} was measured for checkpoint {model.fingerprint}, "
+                f"not for this one ({fingerprint}); profile this checkpoint with `mnm profile`"
+            )
+        diffs = hardware_differences(profile.get("device") or {}, machine_facts(model.target))
+        if diffs:
+            warnings.warn(
+                f"latency profile {path} was measured on other hardware ({'; '.join(diffs)}); "
+                f"predictions may not hold here",
+                stacklevel=2,
+            )
+        return model
+
+
+def validation_metrics(
+    measured: Sequence[float], predicted: Sequence[float]
+) -> dict[str, float | int]:
+    """MAPE (%), Spearman rank correlation, share within ±10 % and max error of predictions."""
+    m = np.asarray(measured, dtype=float)
+    p = np.asarray(predicted, dtype=float)
+    rel = np.abs(p - m) / m
+    return {
+        "n": len(m),
+        "mape_pct": round(float(rel.mean() * 100), 3),
+        "spearman": round(spearman(m, p), 4),
+        "within_10pct": round(float((rel <= 0.10).mean()), 4),
+        "max_abs_pct_err": round(float(rel.max() * 100), 3),
+    }
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); nan for fewer than 2 points."""
+    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    order = values.argsort(kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=float)
+    for value in np.unique(values):  # average the ranks of ties
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks

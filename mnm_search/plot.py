@@ -1,0 +1,212 @@
+"""Matplotlib figures from Pareto tables: quality vs cost, and per-layer widths of the front.
+
+Pure functions of DataFrames (the DESIGN §3 columns: `trial`, `widths`, `loss`, `params`,
+`latency_ms`, `memory_bytes`); they return a `Figure` and never read results directories.
+Figures are built without pyplot, so no global state and no display: PNGs render with Agg.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+
+from mnm_search.errors import ConfigError
+
+# cost column -> (axis label, unit, scale from the column's unit to the displayed one)
+COST_AXES: dict[str, tuple[str, str, float]] = {
+    "latency_ms": ("predicted latency", "ms", 1.0),
+    "params": ("parameters", "millions", 1e-6),
+    "memory_bytes": ("memory", "MiB", 1.0 / 2**20),
+}
+
+
+def cost_label(cost: str, target: str | None = None) -> str:
+    """Axis label with units, e.g. `predicted latency (ms, cpu-prefill)`."""
+    name, unit, _ = _axis(cost)
+    return f"{name} ({unit}, {target})" if target else f"{name} ({unit})"
+
+
+def _axis(cost: str) -> tuple[str, str, float]:
+    if cost not in COST_AXES:
+        raise ConfigError(f"cost must be one of {', '.join(COST_AXES)}, got {cost!r}")
+    return COST_AXES[cost]
+
+
+def _finished(df: pd.DataFrame, cost: str) -> pd.DataFrame:
+    rows = df.dropna(subset=["loss", cost])
+    if "state" in rows.columns:
+        rows = rows[rows["state"].astype(str).str.upper() == "COMPLETE"]
+    return rows
+
+
+def pareto_figure(
+    trials: pd.DataFrame,
+    front: pd.DataFrame,
+    *,
+    cost: str = "latency_ms",
+    marked: Mapping[str, pd.Series] | None = None,
+    heuristic: Sequence[str] = (),
+    budget: float | None = None,
+    target: str | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Loss vs cost: every trial faint, the front as a step line, labelled reference models.
+
+    `marked` maps a label (`S`, `M`, `H1`, ...) to a trial row; labels in `heuristic` are drawn
+    as the paper's heuristic configurations, the others as uniform models. `budget` (in the
+    cost column's unit) draws a vertical line.
+    """
+    _, _, scale = _axis(cost)
+    trials = _finished(trials, cost)
+    front = _finished(front, cost).sort_values(cost)
+    fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(
+        trials[cost] * scale,
+        trials["loss"],
+        s=12,
+        color="0.55",
+        alpha=0.35,
+        linewidths=0,
+        label=f"all trials ({len(trials)})",
+    )
+    if len(front):
+        ax.step(
+            front[cost] * scale,
+            front["loss"],
+            where="post",
+            color="tab:blue",
+            linewidth=2,
+            marker="o",
+            markersize=4,
+            label=f"Pareto front ({len(front)})",
+        )
+    uniform_done = heuristic_done = False
+    for label, row in (marked or {}).items():
+        is_heuristic = label in heuristic
+        ax.scatter(
+            [row[cost] * scale],
+            [row["loss"]],
+            s=70 if not is_heuristic else 60,
+            marker="^" if is_heuristic else "s",
+            facecolor="none",
+            edgecolor="tab:green" if is_heuristic else "tab:red",
+            linewidths=1.8,
+            zorder=5,
+            label=(
+                ("heuristic (min. slope)" if not heuristic_done else None)
+                if is_heuristic
+                else ("uniform S/M/L/XL" if not uniform_done else None)
+            ),
+        )
+        heuristic_done |= is_heuristic
+        uniform_done |= not is_heuristic
+        ax.annotate(
+            label,
+            (row[cost] * scale, row["loss"]),
+            xytext=(6, 6 if not is_heuristic else -12),
+            textcoords="offset points",
+            fontsize=9,
+            fontweight="bold",
+            color="tab:green" if is_heuristic else "tab:red",
+        )
+    if budget is not None:
+        ax.axvline(
+            budget * scale,
+            color="tab:orange",
+            linestyle="--",
+            linewidth=1.5,
+            label=f"budget {budget * scale:g} {_axis(cost)[1]}",
+        )
+    ax.set_xlabel(cost_label(cost, target))
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title or "Mix'n'Match configurations: quality vs cost")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    return fig
+
+
+def _width_matrix(front: pd.DataFrame) -> np.ndarray:
+    rows = [[int(w) for w in str(spec).split(",")] for spec in front["widths"]]
+    if len({len(r) for r in rows}) > 1:
+        raise ConfigError("front members have different numbers of layers")
+    return np.array(rows, dtype=int)
+
+
+def width_heatmap(
+    front: pd.DataFrame,
+    *,
+    cost: str = "latency_ms",
+    names: Mapping[int, str] | None = None,
+    target: str | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Per-layer FFN width of every front member (rows ordered by cost, cheapest on top).
+
+    Shows which layers earn capacity as the budget grows. `names` maps a width to its
+    granularity name (`{128: "S", ...}`); 0 reads as "skip".
+    """
+    _, unit, scale = _axis(cost)
+    front = _finished(front, cost).sort_values(cost)
+    if front.empty:
+        raise ConfigError("the front has no finished trial to draw")
+    matrix = _width_matrix(front)
+    levels = sorted(set(matrix.flat) | set(names or {}))
+    index = np.searchsorted(levels, matrix)
+    names = dict(names or {})
+    names.setdefault(0, "skip")
+    cmap = ListedColormap(colormaps["viridis"](np.linspace(0.08, 0.95, len(levels))))
+    norm = BoundaryNorm(np.arange(len(levels) + 1) - 0.5, len(levels))
+    n_rows, n_layers = matrix.shape
+    fig = Figure(
+        figsize=(max(6.5, 2.5 + 0.6 * n_layers), min(14.0, 1.5 + 0.26 * n_rows)),
+        dpi=120,
+        layout="constrained",
+    )
+    ax = fig.subplots()
+    image = ax.imshow(index, cmap=cmap, norm=norm, aspect="auto")
+    if n_rows * n_layers <= 600:  # cell labels stay legible only up to a point
+        for (r, c), width in np.ndenumerate(matrix):
+            ax.text(
+                c,
+                r,
+                names.get(int(width), str(width)),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if index[r, c] < len(levels) / 2 else "black",
+            )
+    ax.set_xticks(range(n_layers), [str(i) for i in range(n_layers)])
+    ax.set_xlabel("layer")
+    ax.set_yticks(
+        range(n_rows),
+        [f"#{int(t)}  {c * scale:.3g} {unit}" for t, c in zip(front["trial"], front[cost])],
+        fontsize=7,
+    )
+    ax.set_ylabel(f"front member, cheapest first (trial, {unit})", fontsize=9)
+    ax.set_title(title or "FFN width per layer along the Pareto front", fontsize=10)
+    bar = fig.colorbar(image, ax=ax, ticks=range(len(levels)), shrink=0.8)
+    bar.ax.set_yticklabels([f"{names.get(w, '')} {w}".strip() for w in levels], fontsize=7)
+    bar.set_label("FFN width")
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write a PNG atomically: a failed write leaves the previous image (or nothing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,212 @@
+"""Hardware targets: where and how a model runs, read from `profiles/NAME.yaml`.
+
+A target fixes everything that changes latency: device, dtype, CPU threads, batch size and
+the phase (`prefill`: `seq_len` new tokens from scratch; `decode`: `seq_len` new tokens,
+usually 1, after a KV cache holding `context_len` tokens), plus how carefully to time it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mnm_search.errors import ConfigError
+
+PHASES = ("prefill", "decode")
+DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class HardwareTarget:
+    """One hardware setting to profile and search for. Validated on construction."""
+
+    name: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    # CPU intra-op threads; None leaves torch's default. One thread is the quiet choice on
+    # small machines: two threads on 2 cores made the same run vary by 9-20 %.
+    threads: int | None = 1
+    batch: int = 1
+    phase: str = "prefill"
+    seq_len: int = 128
+    context_len: int = 0
+    repeats: int = 15
+    warmup: int = 3
+    calibration: int = 32  # sampled configurations for the least-squares calibration
+    validation: int = 24  # held-out configurations for the reported accuracy
+    seed: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"target field 'name' must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.device, str) or not _DEVICE.match(self.device):
+            raise ConfigError(
+                f"target field 'device' must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(
+                f"target field 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            )
+        if self.phase not in PHASES:
+            raise ConfigError(
+                f"target field 'phase' must be one of {', '.join(PHASES)}, got {self.phase!r}"
+            )
+        if self.threads is not None:
+            _check_int("threads", self.threads, minimum=1, allowed="an integer >= 1 or null")
+        _check_int("batch", self.batch, minimum=1)
+        _check_int("seq_len", self.seq_len, minimum=1)
+        _check_int("context_len", self.context_len, minimum=0)
+        _check_int("repeats", self.repeats, minimum=3)
+        _check_int("warmup", self.warmup, minimum=0)
+        _check_int("calibration", self.calibration, minimum=4)
+        _check_int("validation", self.validation, minimum=3)
+        _check_int("seed", self.seed, minimum=0)
+        if self.phase == "prefill" and self.context_len != 0:
+            raise ConfigError(
+                f"target field 'context_len' must be 0 for phase 'prefill' (prefill starts "
+                f"from an empty cache), got {self.context_len}; use phase 'decode' for a "
+                f"KV cache"
+            )
+        if self.phase == "decode" and self.context_len < 1:
+            raise ConfigError(
+                "target field 'context_len' must be >= 1 for phase 'decode' (the tokens "
+                f"already in the KV cache), got {self.context_len}"
+            )
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def total_len(self) -> int:
+        """Positions the model must hold: cached context plus the new tokens."""
+        return self.context_len + self.seq_len
+
+    def describe(self) -> str:
+        threads = "" if self.is_cuda else f", {self.threads or 'default'} thread(s)"
+        if self.phase == "prefill":
+            work = f"prefill {self.seq_len} tokens"
+        else:
+            work = f"decode {self.seq_len} token(s) after {self.context_len} cached"
+        return f"{self.name}: {self.device} {self.dtype}{threads}, batch {self.batch}, {work}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "target") -> HardwareTarget:
+        """Build from a mapping, naming unknown or missing fields and wrong types."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown field(s) {', '.join(map(repr, unknown))}; allowed fields: "
+                f"{', '.join(fields)}"
+            )
+        for required in ("device", "phase"):
+            if required not in data:
+                raise ConfigError(f"{source}: missing required field {required!r}")
+        phase = data["phase"]
+        if phase == "prefill" and "seq_len" not in data:
+            raise ConfigError(f"{source}: phase 'prefill' needs field 'seq_len' (tokens)")
+        if phase == "decode" and "context_len" not in data:
+            raise ConfigError(
+                f"{source}: phase 'decode' needs field 'context_len' (tokens in the KV cache)"
+            )
+        kwargs = dict(data)
+        if phase == "decode":
+            kwargs.setdefault("seq_len", 1)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_int(field: str, value: Any, *, minimum: int, allowed: str | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(
+            f"target field {field!r} must be {allowed or f'an integer >= {minimum}'}, got {value!r}"
+        )
+
+
+def load_target(path: str | Path) -> HardwareTarget:
+    """Read and validate a target YAML file; `name` defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.name for p in default_profiles_dir().glob("*.yaml"))
+        hint = f"; shipped targets: {', '.join(shipped)}" if shipped else ""
+        raise ConfigError(f"target file {path} does not exist{hint}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty; it needs at least 'device' and 'phase'")
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+    return HardwareTarget.from_dict(data, source=str(path))
+
+
+def default_profiles_dir() -> Path:
+    """The `profiles/` directory of the source tree (the shipped targets)."""
+    return Path(__file__).resolve().parent.parent / "profiles"
+
+
+def default_target() -> HardwareTarget:
+    """`profiles/cpu-prefill.yaml` when the source tree is at hand, else the same built in."""
+    path = default_profiles_dir() / "cpu-prefill.yaml"
+    if path.is_file():
+        return load_target(path)
+    return HardwareTarget(name="cpu-prefill", device="cpu", phase="prefill", seq_len=128)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_facts(target: HardwareTarget) -> dict[str, Any]:
+    """What identifies the hardware and software a target runs on here (for profile JSON)."""
+    import torch  # only here: the rest of this module is plain configuration
+
+    facts: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch_version": torch.__version__,
+        "threads": target.threads if target.threads is not None else torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "gpu_name": None,
+        "cuda_version": torch.version.cuda,
+    }
+    if target.is_cuda and torch.cuda.is_available():
+        index = int(target.device.split(":")[1]) if ":" in target.device else 0
+        if index < torch.cuda.device_count():
+            facts["gpu_name"] = torch.cuda.get_device_name(index)
+    return facts
+
+
+def hardware_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences in the facts that change latency (CPU model, GPU)."""
+    diffs = []
+    for key in ("cpu_model", "gpu_name"):
+        if recorded.get(key) != current.get(key) and (key != "gpu_name" or recorded.get(key)):
+            diffs.append(f"{key} {recorded.get(key)!r} (profiled) vs {current.get(key)!r} (here)")
+    return diffs
