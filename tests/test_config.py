@@ -1,4 +1,4 @@
-"""The widths syntax of DESIGN §2: names, integers, skips, repetition, and errors naming the layer."""
+"""DESIGN §2 widths syntax: names, integers, skips, repetition, errors naming the layer."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 
 from mnm_search.checkpoint import load_checkpoint
 from mnm_search.errors import CheckpointError, ConfigError
-from mnm_search.train import TrainSettings, Trainer, learning_rate
+from mnm_search.train import Trainer, TrainSettings, learning_rate
 
 
 @pytest.fixture
