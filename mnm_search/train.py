@@ -1,7 +1,8 @@
 """Nested (MatFormer) training for users without a universal checkpoint.
 
-Each step averages the loss over every granularity (the paper's joint training), or samples one
-granularity per step (`granularity_mode="sample"`). AdamW, linear warm-up then cosine decay,
+Each step averages the loss over every granularity (the paper's joint training), samples one
+granularity per step (`granularity_mode="sample"`), or adds one random Mix'n'Match configuration
+to the uniform ones (`"mix"`). AdamW, linear warm-up then cosine decay,
 gradient clipping, periodic validation, and an atomic checkpoint every `checkpoint_every`
 steps. Re-running into the same output directory resumes from the last checkpoint with the
 exact data order an uninterrupted run would have had (batches depend only on seed and step).
@@ -81,7 +82,9 @@ class TrainSettings:
     eval_tokens: int = 32_768
     checkpoint_every: int = 250
     seed: int = 0
-    granularity_mode: str = "all"  # "all": average every granularity; "sample": one per step
+    # "all": average every granularity (the paper); "sample": one per step; "mix": all of them
+    # plus one random Mix'n'Match configuration per step.
+    granularity_mode: str = "all"
     precision: str = "fp32"  # "bf16": CPU/GPU autocast for speed, weights stay fp32
     data: str | None = None  # None: the built-in corpus
 
@@ -93,9 +96,9 @@ class TrainSettings:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_size is not None and self.batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
-        if self.granularity_mode not in ("all", "sample"):
+        if self.granularity_mode not in ("all", "sample", "mix"):
             raise ConfigError(
-                f"granularity_mode must be 'all' or 'sample', got {self.granularity_mode!r}"
+                f"granularity_mode must be 'all', 'sample' or 'mix', got {self.granularity_mode!r}"
             )
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
@@ -180,6 +183,7 @@ class Trainer:
         )
         self.tokens_seen = 0
         self.elapsed = 0.0
+        self.commands = [command] if command else []  # every invocation, across resumes
         self._resume_if_present()
 
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -234,13 +238,25 @@ class Trainer:
         self.log = list(state["log"])
         self.tokens_seen = int(state["tokens_seen"])
         self.elapsed = float(state["elapsed_s"])
+        self.commands = [*state.get("commands", []), *self.commands]
 
-    def _granularities_for(self, step: int) -> list[int]:
-        grans = list(self.config.granularities)
+    def _configs_for(self, step: int) -> list[tuple[str, list[int]]]:
+        """(name, widths) of the submodels whose losses are averaged at `step`."""
+        n_layers = self.config.n_layers
+        uniform = [
+            (name, [g] * n_layers)
+            for name, g in zip(self.config.granularity_names, self.config.granularities)
+        ]
         if self.settings.granularity_mode == "all":
-            return grans
+            return uniform
         generator = torch.Generator().manual_seed(self.settings.seed * 7919 + step)
-        return [grans[int(torch.randint(len(grans), (1,), generator=generator))]]
+        if self.settings.granularity_mode == "sample":
+            return [uniform[int(torch.randint(len(uniform), (1,), generator=generator))]]
+        # "mix": the uniform models plus one random Mix'n'Match configuration, so that layers
+        # also learn to work with neighbours of other widths (joint training alone never
+        # shows them such combinations, and mixed configurations then fall behind).
+        picks = torch.randint(len(self.config.granularities), (n_layers,), generator=generator)
+        return [*uniform, ("mix", [self.config.granularities[int(i)] for i in picks])]
 
     def _train_step(self, step: int) -> dict[str, float]:
         settings = self.settings
@@ -255,16 +271,15 @@ class Trainer:
             group["lr"] = learning_rate(settings, step)
         self.model.train()
         losses: dict[str, float] = {}
-        grans = self._granularities_for(step)
-        names = dict(zip(self.config.granularities, self.config.granularity_names))
+        configs = self._configs_for(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
             total = torch.zeros(())
-            for g in grans:
-                logits = self.model(inputs, [g] * self.config.n_layers)  # [B, T, vocab]
+            for name, widths in configs:
+                logits = self.model(inputs, widths)  # [B, T, vocab]
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
                 total = total + loss
-                losses[names[g]] = loss.item()
-        (total / len(grans)).backward()
+                losses[name] = loss.item()
+        (total / len(configs)).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -289,6 +304,7 @@ class Trainer:
             "log": self.log,
             "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed,
+            "commands": self.commands,
         }
         with atomic_directory(self.out, overwrite=True) as tmp:
             write_checkpoint_files(tmp, self.model, metadata=metadata)
@@ -298,6 +314,7 @@ class Trainer:
     def provenance(self, val_losses: dict[str, float] | None, *, final: bool) -> dict[str, Any]:
         return {
             "command": self.command,
+            "commands": self.commands,
             "corpus": self.corpus,
             "settings": asdict(self.settings),
             "step": self.step,

@@ -54,9 +54,19 @@ def test_training_lowers_the_loss_for_every_granularity(corpus: Path, tmp_path: 
 
 def test_sampled_granularity_mode_trains(corpus: Path, tmp_path: Path) -> None:
     trainer = Trainer(_settings(corpus, granularity_mode="sample"), tmp_path / "run")
-    picked = [trainer._granularities_for(step) for step in range(12)]
+    picked = [trainer._configs_for(step) for step in range(12)]
     assert all(len(p) == 1 for p in picked)
-    assert len({p[0] for p in picked}) > 1  # different granularities across steps
+    assert len({p[0][0] for p in picked}) > 1  # different granularities across steps
+    assert trainer.run().step == 12
+
+
+def test_mix_mode_adds_a_random_mix_n_match_configuration(corpus: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_settings(corpus, granularity_mode="mix"), tmp_path / "run")
+    configs = [trainer._configs_for(step) for step in range(12)]
+    assert all([name for name, _ in c] == ["S", "M", "L", "XL", "mix"] for c in configs)
+    mixes = [c[-1][1] for c in configs]
+    assert any(len(set(widths)) > 1 for widths in mixes)  # really mixed across layers
+    assert trainer._configs_for(3) == configs[3]  # a function of the step: resumable
     assert trainer.run().step == 12
 
 
@@ -148,7 +158,7 @@ def test_resume_with_another_preset_is_refused(corpus: Path, tmp_path: Path) -> 
     [
         ("preset", "huge", "preset must be one of tiny, small, default, got 'huge'"),
         ("steps", 0, "steps must be positive, got 0"),
-        ("granularity_mode", "one", "granularity_mode must be 'all' or 'sample'"),
+        ("granularity_mode", "one", "granularity_mode must be 'all', 'sample' or 'mix'"),
         ("precision", "fp8", "precision must be 'fp32' or 'bf16'"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Core commands: info, eval, train, demo."""
+"""Core commands: info, eval, train."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from mnm_search.cli._common import (
     progress_bar,
     user_errors,
 )
+from mnm_search.cli._profile import load_profile_for
 from mnm_search.config import format_widths, param_count, parse_widths
 from mnm_search.data import load_eval_set
 from mnm_search.evaluator import evaluate_loss
@@ -126,15 +127,20 @@ def eval_command(
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", min=1, help="Evaluate on at most this many tokens.")
     ] = DEFAULT_EVAL_TOKENS,
+    profile: Annotated[
+        Path | None,
+        typer.Option("--profile", help="Latency profile JSON (mnm profile): adds latency_ms."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and parameters of one Mix'n'Match configuration.
 
-    Example: mnm eval --widths S,S,M,L,XL,XL --json
+    Example: mnm eval --widths S,S,M,L,XL,XL --profile profile-cpu-prefill.json --json
     """
     checkpoint = load_checkpoint(ckpt)
     config = checkpoint.config
     resolved = parse_widths(widths, config) if widths is not None else config.physical_widths
+    latency = load_profile_for(checkpoint, profile) if profile is not None else None
     eval_set = load_eval_set(data, seq_len=config.max_seq_len, max_tokens=max_tokens)
     started = time.perf_counter()
     loss = evaluate_loss(checkpoint.model, eval_set, resolved)
@@ -150,19 +156,29 @@ def eval_command(
         "fingerprint": checkpoint.fingerprint,
         "eval_seconds": round(seconds, 3),
     }
+    if latency is not None:
+        result["latency_ms"] = round(latency.predict_ms(resolved), 4)
+        result["latency_target"] = latency.target.name
+        result["latency_interpolated_layers"] = latency.interpolated_layers(resolved)
     if as_json:
         print_json(result)
         return
     table = Table(title=f"eval {result['widths_compact']}")
-    for column in ("loss (nats/token)", "perplexity", "params", "tokens", "seconds"):
+    columns = ["loss (nats/token)", "perplexity", "params", "tokens", "seconds"]
+    if latency is not None:
+        columns.append(f"latency ms ({latency.target.name}, predicted)")
+    for column in columns:
         table.add_column(column, justify="right")
-    table.add_row(
+    cells = [
         f"{loss:.4f}",
         f"{math.exp(loss):.3f}",
         f"{result['params']:,}",
         f"{eval_set.n_tokens:,}",
         f"{seconds:.2f}",
-    )
+    ]
+    if latency is not None:
+        cells.append(f"{result['latency_ms']:.3f}")
+    table.add_row(*cells)
     out.print(table)
 
 
@@ -185,13 +201,14 @@ def train(
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")] = 100,
     eval_every: Annotated[int, typer.Option("--eval-every", min=1)] = 250,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 250,
-    sample_granularity: Annotated[
-        bool,
+    granularity_mode: Annotated[
+        str,
         typer.Option(
-            "--sample-granularity",
-            help="Train one random granularity per step instead of averaging all of them.",
+            "--granularities",
+            help="all: average every granularity per step (the paper); sample: one random "
+            "granularity per step; mix: all plus one random Mix'n'Match configuration.",
         ),
-    ] = False,
+    ] = "all",
     precision: Annotated[
         str, typer.Option("--precision", help="fp32, or bf16 autocast (faster on CPUs with bf16).")
     ] = "fp32",
@@ -212,7 +229,7 @@ def train(
         warmup_steps=warmup,
         eval_every=eval_every,
         checkpoint_every=checkpoint_every,
-        granularity_mode="sample" if sample_granularity else "all",
+        granularity_mode=granularity_mode,
         precision=precision,
         data=str(data) if data is not None else None,
     )
@@ -245,47 +262,3 @@ def train(
         f"Trained {result.step} steps ({result.tokens_per_second:,.0f} tokens/s) -> "
         f"{result.out}\nvalidation loss: {val}"
     )
-
-
-@user_errors
-def demo(
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer evaluation tokens.")] = False,
-) -> None:
-    """Run the pipeline on the embedded default checkpoint.
-
-    Example: mnm demo --quick
-    """
-    checkpoint = load_checkpoint(None)
-    config = checkpoint.config
-    eval_set = load_eval_set(
-        None, seq_len=config.max_seq_len, max_tokens=4096 if quick else DEFAULT_EVAL_TOKENS
-    )
-    n = config.n_layers
-    candidates = [[g] * n for g in config.granularities]
-    # A few Mix'n'Match configurations: widths growing with depth (the paper's heuristic).
-    grans = config.granularities
-    candidates += [
-        [grans[min(len(grans) - 1, i * len(grans) // n)] for i in range(n)],
-        [grans[0]] * (n // 2) + [grans[-1]] * (n - n // 2),
-        [grans[1]] * (n // 2) + [grans[2]] * (n - n // 2),
-    ]
-    table = Table(
-        title=f"Mix'n'Match configurations of the default checkpoint ({eval_set.n_tokens:,} tokens)"
-    )
-    for column in ("widths", "params", "loss (nats/token)", "perplexity"):
-        table.add_column(column, justify="right")
-    with progress_bar() as progress:
-        task = progress.add_task("evaluating", total=len(candidates), status="")
-        rows = []
-        for widths in candidates:
-            loss = evaluate_loss(checkpoint.model, eval_set, widths)
-            rows.append((widths, loss))
-            progress.advance(task)
-    for widths, loss in sorted(rows, key=lambda r: param_count(config, r[0])):
-        table.add_row(
-            format_widths(widths, config),
-            f"{param_count(config, widths):,}",
-            f"{loss:.4f}",
-            f"{math.exp(loss):.3f}",
-        )
-    out.print(table)
