@@ -1,0 +1,991 @@
+"""Gemma 3n (transformers `Gemma3nForCausalLM`) as a Mix'n'Match model family.
+
+Gemma 3n E4B is a MatFormer: every FFN is nested (the first `m` neurons of a layer form a working
+smaller FFN) and E2B is E4B with narrower FFNs and layers 20-24 dropped. A configuration here is
+`widths`: one entry per layer of the loaded checkpoint, either an FFN width (a multiple of the
+family's `step`, at most the stored width) or `0`, which drops the whole decoder layer (unlike
+the native MatLM, where 0 drops only the FFN: Gemma 3n's sub-models skip layers, never FFNs).
+
+Gemma 3n specifics that slicing must respect (see transformers' `modeling_gemma3n.py`):
+
+- KV sharing: the last `num_kv_shared_layers` layers compute no keys/values; each reuses the
+  KV of the last earlier layer of its attention type (the "producers"). Producers can never be
+  dropped; dropping a consumer lowers `num_kv_shared_layers`.
+- Per-layer embeddings (PLE): `embed_tokens_per_layer` ([vocab, n_layers * P]) and
+  `per_layer_model_projection` ([n_layers * P, hidden]) hold one P-wide block per layer; the
+  blocks of dropped layers are cut out. `per_layer_projection_norm` is shared by all layers.
+- `activation_sparsity_pattern`, `layer_types` and `intermediate_size` are per-layer lists and
+  are rebuilt for the kept layers.
+
+The loaded model is held once. `sliced_model(widths)` is a `Gemma3nForCausalLM` for the
+configuration whose weights are views of the loaded ones (no copy, except the small PLE
+projection); `export_hf` streams contiguous copies shard by shard, so exporting needs one shard
+of extra memory, not a second model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import re
+import shutil
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+from transformers.utils import logging as hf_logging
+
+from mnm_search.checkpoint import atomic_directory
+from mnm_search.data import EvalSet, bundled_validation_text, make_eval_set, read_text_data
+from mnm_search.errors import CheckpointError, ConfigError, DataError, ExportError, WidthsError
+from mnm_search.families import GEMMA3N, read_config_json
+
+try:  # transformers >= 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+try:  # huggingface_hub >= 1.0 validates configs strictly
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # pragma: no cover
+
+    class StrictDataclassError(Exception):  # type: ignore[no-redef]
+        """Placeholder: older huggingface_hub never raises it."""
+
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+EXPORT_INFO_FILE = "mnm.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+_COPY_CHUNK_BYTES = 64 * 2**20  # bounds the temporary memory of loading one (huge) tensor
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_ANCHOR = "layers.0.mlp.gate_proj.weight"  # locates the text model inside any checkpoint layout
+_LANGUAGE_MODEL = "model.language_model."  # text model inside multimodal checkpoints
+_KV_ONLY = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A validated configuration: which original layers stay, at which FFN width."""
+
+    widths: tuple[int, ...]  # one per original layer, 0 = layer dropped
+    kept: tuple[int, ...]  # original indices of the kept layers, ascending
+    n_layers: int  # original number of layers
+
+    @property
+    def kept_widths(self) -> list[int]:
+        return [self.widths[i] for i in self.kept]
+
+    @property
+    def skips_layers(self) -> bool:
+        return len(self.kept) != self.n_layers
+
+
+class _KeptLayersEmbedding(nn.Module):
+    """The full per-layer embedding table, returning only the kept layers' blocks.
+
+    Lets the in-place model drop layers without copying the (very large) PLE table:
+    E4B's is 262144 x 35 * 256 values, more than half of the text model's parameters.
+    """
+
+    def __init__(self, full: nn.Module, kept: Sequence[int], n_layers: int, width: int) -> None:
+        super().__init__()
+        self.full = full
+        self.n_layers = n_layers
+        self.width = width
+        self.register_buffer("kept", torch.tensor(list(kept), dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        blocks = self.full(input_ids).unflatten(-1, (self.n_layers, self.width))
+        return blocks.index_select(-2, self.kept).flatten(-2)
+
+
+class Gemma3nFamily:
+    """A loaded Gemma 3n text model and everything search and export need from it.
+
+    Build it with `Gemma3nFamily.load(path)` for a checkpoint directory, or directly from an
+    in-memory `Gemma3nForCausalLM` (tests). `step` is the FFN width granularity (default: the
+    gcd of the stored widths and the hidden size, which is 2048 for E4B, matching the
+    MatFormer Lab's `2_048 * k` configurations).
+    """
+
+    name = GEMMA3N
+
+    def __init__(
+        self,
+        *,
+        model: Gemma3nForCausalLM,
+        step: int | None = None,
+        path: str | Path | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        if not isinstance(model, Gemma3nForCausalLM):
+            raise ConfigError(
+                f"model must be a transformers Gemma3nForCausalLM, got {type(model).__name__}"
+            )
+        self.model = model.eval().requires_grad_(False)
+        self.config: Gemma3nTextConfig = model.config
+        self.path = Path(path) if path is not None else None
+        stored = [int(w) for w in self.config.intermediate_size]
+        default_step = math.gcd(math.gcd(*stored), int(self.config.hidden_size))
+        if step is None:
+            step = default_step
+        if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+            raise ConfigError(f"step must be a positive integer, got {step!r}")
+        bad = [i for i, w in enumerate(stored) if w % step]
+        if bad:
+            raise ConfigError(
+                f"step={step} does not divide the stored FFN width {stored[bad[0]]} of layer "
+                f"{bad[0]}; use a divisor of {math.gcd(*stored)} (default {default_step})"
+            )
+        self.step = step
+        self._stored = stored
+        self._tensors = {
+            **dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False)),
+        }
+        self._producers, self._consumers = _kv_roles(
+            list(self.config.layer_types), int(self.config.num_kv_shared_layers)
+        )
+        self._fingerprint = fingerprint
+        self._view: tuple[tuple[int, ...], Gemma3nForCausalLM] | None = None
+        self._tokenizer: Any = None
+        self._tokenizer_loaded = False
+
+    # ----------------------------------------------------------------------------- loading
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str = "auto",
+        step: int | None = None,
+        attn_implementation: str = "sdpa",
+    ) -> Gemma3nFamily:
+        """Load a local Gemma 3n checkpoint (CausalLM or the text part of a multimodal one).
+
+        Nothing is downloaded. The model is built without initialisation and every tensor is
+        copied in chunks straight from the safetensors shards into it, so peak memory is the
+        model plus 64 MiB. Vision and audio tensors are never read. `dtype`: `auto` (as
+        stored), `float32`, `bfloat16` or `float16`.
+        """
+        if attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError(
+                f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}"
+            )
+        path = Path(path)
+        data = read_config_json(path)
+        config = _text_config(data, path)
+        config._attn_implementation = attn_implementation
+        shards = _shard_files(path)
+        locations = _tensor_locations(shards)
+        prefix = _text_prefix(locations, path)
+        torch_dtype = _resolve_dtype(dtype, locations, prefix)
+        with _default_dtype(torch_dtype), no_init_weights():
+            model = _tied(Gemma3nForCausalLM(config))
+        _fill_from_shards(model, locations, prefix, path)
+        return cls(model=model, step=step, path=path, fingerprint=_files_fingerprint(path, shards))
+
+    # ------------------------------------------------------------------------ search space
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._stored)
+
+    @property
+    def stored_widths(self) -> list[int]:
+        """FFN width stored for each layer (the widest each layer can run)."""
+        return list(self._stored)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
+    @property
+    def kv_producer_layers(self) -> list[int]:
+        """Layers whose keys/values later layers reuse: they can never be skipped."""
+        return list(self._producers)
+
+    @property
+    def kv_consumer_layers(self) -> list[int]:
+        """The last `num_kv_shared_layers` layers, which reuse a producer's keys/values."""
+        return list(self._consumers)
+
+    @property
+    def skippable_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if i not in self._producers]
+
+    def allowed_widths(self, layer: int) -> list[int]:
+        """Ascending choices for `layer`: 0 (drop it) where allowed, then step multiples."""
+        if not 0 <= layer < self.n_layers:
+            raise WidthsError(f"layer must be in [0, {self.n_layers - 1}], got {layer}")
+        widths = list(range(self.step, self._stored[layer] + 1, self.step))
+        return ([0] if layer not in self._producers else []) + widths
+
+    def full_widths(self) -> list[int]:
+        return list(self._stored)
+
+    @property
+    def n_configs(self) -> int:
+        return math.prod(len(self.allowed_widths(i)) for i in range(self.n_layers))
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for `mnm info`: architecture, search space, parameter counts."""
+        full = self.full_widths()
+        return {
+            "family": self.name,
+            "path": str(self.path) if self.path else None,
+            "fingerprint": self.fingerprint,
+            "n_layers": self.n_layers,
+            "hidden_size": int(self.config.hidden_size),
+            "vocab_size": int(self.config.vocab_size),
+            "stored_widths": self.stored_widths,
+            "step": self.step,
+            "layer_types": list(self.config.layer_types),
+            "num_kv_shared_layers": int(self.config.num_kv_shared_layers),
+            "kv_producer_layers": self.kv_producer_layers,
+            "skippable_layers": self.skippable_layers,
+            "n_configs": self.n_configs,
+            "params": self.param_count(full),
+            "effective_params": self.effective_param_count(full),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def validate_widths(self, widths: Sequence[int]) -> list[int]:
+        """Check a configuration; errors name the layer and how to fix it."""
+        widths = list(widths)
+        if len(widths) != self.n_layers:
+            raise WidthsError(
+                f"got {len(widths)} widths, but the checkpoint has {self.n_layers} layers; "
+                f"write one entry per layer (an FFN width, or 0 to drop the layer)"
+            )
+        for layer, width in enumerate(widths):
+            if not isinstance(width, int) or isinstance(width, bool):
+                raise WidthsError(f"layer {layer}: width must be an integer, got {width!r}")
+            stored = self._stored[layer]
+            if width == 0:
+                if layer in self._producers:
+                    users = [c for c in self._consumers if _same_type(self.config, c, layer)]
+                    raise WidthsError(
+                        f"layer {layer} cannot be skipped: it produces the KV cache that layers "
+                        f"{_ranges(users)} reuse (Gemma 3n KV sharing); give it a width "
+                        f"(a multiple of {self.step} up to {stored}) instead"
+                    )
+                continue
+            if width < 0 or width > stored:
+                raise WidthsError(
+                    f"layer {layer}: width {width} is outside [0, {stored}] (0 drops the layer; "
+                    f"{stored} is the widest FFN this checkpoint stores for it)"
+                )
+            if width % self.step:
+                low = width // self.step * self.step
+                hint = f"{low} or {low + self.step}" if low else f"{self.step}"
+                raise WidthsError(
+                    f"layer {layer}: width {width} is not a multiple of the step {self.step}; "
+                    f"use {hint}"
+                )
+        if not any(widths):
+            raise WidthsError("every layer is skipped; keep at least one layer")
+        return widths
+
+    def _plan(self, widths: Sequence[int]) -> _Plan:
+        widths = self.validate_widths(widths)
+        kept = tuple(i for i, w in enumerate(widths) if w > 0)
+        return _Plan(widths=tuple(widths), kept=kept, n_layers=self.n_layers)
+
+    # ----------------------------------------------------------------------------- slicing
+
+    def sliced_config(self, widths: Sequence[int]) -> Gemma3nTextConfig:
+        """The `Gemma3nTextConfig` of the physically sliced model for `widths`."""
+        plan = self._plan(widths)
+        return self._sliced_config(plan)
+
+    def _sliced_config(self, plan: _Plan) -> Gemma3nTextConfig:
+        config = self.config
+        data = config.to_dict()
+        dropped_consumers = sum(1 for i in self._consumers if i not in plan.kept)
+        data.update(
+            num_hidden_layers=len(plan.kept),
+            intermediate_size=plan.kept_widths,
+            layer_types=[config.layer_types[i] for i in plan.kept],
+            activation_sparsity_pattern=[
+                float(config.activation_sparsity_pattern[i]) for i in plan.kept
+            ],
+            num_kv_shared_layers=int(config.num_kv_shared_layers) - dropped_consumers,
+            architectures=["Gemma3nForCausalLM"],
+        )
+        sliced = Gemma3nTextConfig.from_dict(data)
+        sliced._attn_implementation = config._attn_implementation
+        return sliced
+
+    def _source(self, name: str, plan: _Plan) -> torch.Tensor:
+        """Tensor `name` of the sliced model, as a view of the loaded weights where possible."""
+        match = _LAYER_KEY.match(name)
+        if match:
+            new, rest = int(match[1]), match[2]
+            tensor = self._tensors[f"model.layers.{plan.kept[new]}.{rest}"]
+            width = plan.widths[plan.kept[new]]
+            if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+                return tensor[:width]  # rows = hidden neurons
+            if rest == "mlp.down_proj.weight":
+                return tensor[:, :width]  # columns = hidden neurons
+            return tensor
+        tensor = self._tensors[name]
+        if not plan.skips_layers:
+            return tensor
+        kept = torch.tensor(plan.kept, device=tensor.device)
+        width = int(self.config.hidden_size_per_layer_input)
+        if name == "model.embed_tokens_per_layer.weight":  # [vocab, n_layers * P]
+            blocks = tensor.unflatten(1, (self.n_layers, width))
+            return blocks.index_select(1, kept).flatten(1)
+        if name == "model.per_layer_model_projection.weight":  # [n_layers * P, hidden]
+            blocks = tensor.unflatten(0, (self.n_layers, width))
+            return blocks.index_select(0, kept).flatten(0, 1)
+        return tensor
+
+    def sliced_model(self, widths: Sequence[int]) -> Gemma3nForCausalLM:
+        """The configuration as a transformers model sharing the loaded weights (views).
+
+        Runs transformers' own forward with the sliced config, so it computes exactly what
+        the exported checkpoint computes. The last one built is cached.
+        """
+        plan = self._plan(widths)
+        if self._view is not None and self._view[0] == plan.widths:
+            return self._view[1]
+        self._view = None  # release the previous view before building the next
+        config = self._sliced_config(plan)
+        with torch.device("meta"), _default_dtype(self.dtype), no_init_weights():
+            view = _tied(Gemma3nForCausalLM(config))
+        tied = view.lm_head.weight is view.model.embed_tokens.weight
+        for module_name, module in view.named_modules():
+            if plan.skips_layers and module_name == "model.embed_tokens_per_layer":
+                continue  # replaced below by a wrapper around the full table (no copy)
+            prefix = f"{module_name}." if module_name else ""
+            for leaf, tensor in list(module._parameters.items()):
+                if tensor is None or not tensor.is_meta:
+                    continue
+                source = self._source(prefix + leaf, plan)
+                if not isinstance(source, nn.Parameter):
+                    source = nn.Parameter(source.detach(), requires_grad=False)
+                module._parameters[leaf] = source
+            for leaf, tensor in list(module._buffers.items()):
+                if tensor is not None and tensor.is_meta:
+                    module._buffers[leaf] = self._source(prefix + leaf, plan)
+        if plan.skips_layers:
+            view.model.embed_tokens_per_layer = _KeptLayersEmbedding(
+                self.model.model.embed_tokens_per_layer,
+                plan.kept,
+                self.n_layers,
+                int(self.config.hidden_size_per_layer_input),
+            )
+        if tied:
+            view.lm_head.weight = view.model.embed_tokens.weight
+        view.eval().requires_grad_(False)
+        self._view = (plan.widths, view)
+        return view
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, widths: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] of the configuration (default: the full model)."""
+        widths = self.full_widths() if widths is None else widths
+        model = self.sliced_model(widths)
+        return model(input_ids=input_ids, use_cache=_USE_CACHE).logits
+
+    # -------------------------------------------------------------------------- parameters
+
+    def param_count(self, widths: Sequence[int] | None = None) -> int:
+        """Exact number of parameters of the sliced model (tied weights counted once)."""
+        plan = self._plan(self.full_widths() if widths is None else widths)
+        counts = self._counts()
+        hidden = int(self.config.hidden_size)
+        total = counts["fixed"]
+        for i in plan.kept:
+            total += counts["layer_base"][i] + counts["per_layer_embedding"]
+            total += 3 * hidden * plan.widths[i]  # gate + up + down projections
+        return total
+
+    def effective_param_count(self, widths: Sequence[int] | None = None) -> int:
+        """Parameters without the embedding tables: MatFormer Lab's "effective params".
+
+        Equals transformers' `num_parameters(exclude_embeddings=True)` of the text model
+        (the E2B slice of E4B: 1,905,495,648).
+        """
+        plan = self._plan(self.full_widths() if widths is None else widths)
+        counts = self._counts()
+        ple_rows = int(self.config.vocab_size_per_layer_input)
+        ple_width = int(self.config.hidden_size_per_layer_input)
+        embeddings = counts["embed_tokens"] + ple_rows * ple_width * len(plan.kept)
+        return self.param_count(plan.widths) - embeddings
+
+    def _counts(self) -> dict[str, Any]:
+        model = self.model.model
+        layers = [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
+        mlps = [sum(p.numel() for p in layer.mlp.parameters()) for layer in model.layers]
+        per_layer = (
+            model.embed_tokens_per_layer.weight.numel()
+            + model.per_layer_model_projection.weight.numel()
+        ) // self.n_layers
+        total = sum(p.numel() for p in self.model.parameters())  # deduplicates tied weights
+        return {
+            "fixed": total - sum(layers) - per_layer * self.n_layers,
+            "layer_base": [n - m for n, m in zip(layers, mlps)],
+            "per_layer_embedding": per_layer,
+            "embed_tokens": model.embed_tokens.weight.numel(),
+        }
+
+    # -------------------------------------------------------------------------- evaluation
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable short hash identifying the checkpoint (files, or weights when in memory)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's own tokenizer (local files only), or None: bytes are used then."""
+        if not self._tokenizer_loaded:
+            self._tokenizer_loaded = True
+            if self.path is not None and any(
+                (self.path / f).is_file() for f in TOKENIZER_FILES[:3]
+            ):
+                from transformers import AutoTokenizer
+
+                try:
+                    self._tokenizer = AutoTokenizer.from_pretrained(
+                        str(self.path), local_files_only=True
+                    )
+                except (OSError, ValueError) as exc:
+                    raise CheckpointError(
+                        f"{self.path} has tokenizer files that transformers cannot load ({exc}); "
+                        f"remove them to fall back to byte-level tokens, or repair them"
+                    ) from exc
+        return self._tokenizer
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids of `text`: the checkpoint's tokenizer, else UTF-8 bytes (tests)."""
+        if self.tokenizer is not None:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return torch.tensor(ids, dtype=torch.long)
+        if int(self.config.vocab_size) < 256:
+            raise DataError(
+                f"the checkpoint has no tokenizer files and its vocabulary "
+                f"({self.config.vocab_size} tokens) is too small for byte-level fallback (256); "
+                f"add its tokenizer files"
+            )
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+    def load_eval_set(
+        self, data: str | Path | None, *, seq_len: int, max_tokens: int | None = None
+    ) -> EvalSet:
+        """Windows of the user's text (or the bundled validation text), tokenized as above."""
+        text = bundled_validation_text() if data is None else read_text_data(data)
+        return make_eval_set(self.encode(text), seq_len=seq_len, max_tokens=max_tokens)
+
+    @torch.inference_mode()
+    def evaluate_loss(
+        self, widths: Sequence[int], eval_set: EvalSet, *, batch_size: int = 8
+    ) -> float:
+        """Mean next-token cross-entropy (nats/token) of the configuration on `eval_set`."""
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        model = self.sliced_model(widths)
+        total, count = 0.0, 0
+        for start in range(0, eval_set.inputs.shape[0], batch_size):
+            inputs = eval_set.inputs[start : start + batch_size]
+            targets = eval_set.targets[start : start + batch_size]
+            logits = model(input_ids=inputs, use_cache=_USE_CACHE).logits.float()
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+            total += loss.item()
+            count += targets.numel()
+        return total / count
+
+    # ------------------------------------------------------------------------------ export
+
+    def export_hf(
+        self,
+        widths: Sequence[int],
+        out: str | Path,
+        *,
+        max_shard_size: int | str = "2GB",
+        overwrite: bool = False,
+        metadata: dict[str, Any] | None = None,
+        verify: bool = True,
+        atol: float | None = None,
+    ) -> Path:
+        """Write the configuration as a Hugging Face checkpoint that transformers loads.
+
+        `out` gets sharded safetensors (+ index when more than one shard), `config.json` with
+        per-layer `intermediate_size`, the source tokenizer files, a model card `README.md` and
+        `mnm.json` (widths, source fingerprint, verification). Written atomically; with
+        `verify`, the directory is reloaded with `from_pretrained` and its logits compared
+        with the in-place sliced model (an `ExportError` leaves `out` untouched).
+        """
+        plan = self._plan(widths)
+        shard_bytes = _parse_size(max_shard_size)
+        config = self._sliced_config(plan)
+        with torch.device("meta"), _default_dtype(self.dtype), no_init_weights():
+            shapes = _tied(Gemma3nForCausalLM(config))
+        tied = shapes.lm_head.weight is shapes.model.embed_tokens.weight
+        names = [n for n in shapes.state_dict() if not (tied and n == "lm_head.weight")]
+        expected = {n: tuple(t.shape) for n, t in shapes.state_dict().items()}
+        del shapes
+        probe = self._probe_ids()
+        reference = self.logits(probe, plan.widths) if verify else None
+        out = Path(out)
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            total = self._write_shards(tmp, names, expected, plan, shard_bytes)
+            config.save_pretrained(str(tmp))
+            self._copy_tokenizer_files(tmp)
+            report: dict[str, Any] = {"verified": False}
+            if reference is not None:
+                report = self._verify_export(tmp, probe, reference, atol)
+            info = {
+                "format": "mnm-hf-export",
+                "family": self.name,
+                "source_path": str(self.path) if self.path else None,
+                "source_fingerprint": self.fingerprint,
+                "widths": list(plan.widths),
+                "skipped_layers": [i for i in range(self.n_layers) if i not in plan.kept],
+                "intermediate_size": plan.kept_widths,
+                "params": self.param_count(plan.widths),
+                "effective_params": self.effective_param_count(plan.widths),
+                "weights_bytes": total,
+                "verification": report,
+                **(metadata or {}),
+            }
+            (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            (tmp / "README.md").write_text(_model_card(info))
+        return out
+
+    def _write_shards(
+        self,
+        directory: Path,
+        names: list[str],
+        expected: dict[str, tuple[int, ...]],
+        plan: _Plan,
+        shard_bytes: int,
+    ) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name in names:
+            nbytes = math.prod(expected[name]) * itemsize
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        weight_map: dict[str, str] = {}
+        total = 0
+        for number, shard in enumerate(shards, start=1):
+            filename = (
+                SINGLE_FILE
+                if len(shards) == 1
+                else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            )
+            # One shard at a time: exporting never holds a second model.
+            tensors = {}
+            for name in shard:
+                tensor = self._source(name, plan).detach()
+                if tuple(tensor.shape) != expected[name]:  # a bug guard, not a user error
+                    raise ExportError(
+                        f"internal error: {name} sliced to {list(tensor.shape)}, "
+                        f"config implies {list(expected[name])}"
+                    )
+                # Views of whole rows stay views (no copy); column slices and PLE cuts copy.
+                tensors[name] = tensor.to(self.dtype).contiguous()
+                weight_map[name] = filename
+                total += tensors[name].numel() * tensors[name].element_size()
+            save_file(tensors, str(directory / filename), metadata={"format": "pt"})
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return total
+
+    def _copy_tokenizer_files(self, directory: Path) -> None:
+        if self.path is None:
+            return
+        for name in TOKENIZER_FILES:
+            if (self.path / name).is_file():
+                shutil.copy2(self.path / name, directory / name)
+
+    def _probe_ids(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        length = min(24, int(self.config.max_position_embeddings))
+        return torch.randint(0, int(self.config.vocab_size), (2, length), generator=generator)
+
+    def _verify_export(
+        self, directory: Path, probe: torch.Tensor, reference: torch.Tensor, atol: float | None
+    ) -> dict[str, Any]:
+        if atol is None:
+            atol = 1e-4 if self.dtype == torch.float32 else 5e-2
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # the CLI shows its own progress; keep stderr clean
+        try:
+            reloaded = Gemma3nForCausalLM.from_pretrained(
+                str(directory),
+                local_files_only=True,
+                attn_implementation=self.config._attn_implementation,
+                **{_DTYPE_KWARG: self.dtype},
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ExportError(f"transformers cannot load the exported checkpoint: {exc}") from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        with torch.inference_mode():
+            logits = reloaded.eval()(input_ids=probe, use_cache=_USE_CACHE).logits
+        del reloaded
+        diff = (logits.float() - reference.float()).abs().max().item()
+        if not diff <= atol:
+            raise ExportError(
+                f"export verification failed: logits of the reloaded checkpoint differ from the "
+                f"in-place sliced model by {diff:.3g} (> {atol:g}); nothing was written"
+            )
+        return {
+            "verified": True,
+            "max_abs_logit_diff": diff,
+            "atol": atol,
+            "probe_tokens": int(probe.numel()),
+            "transformers": transformers.__version__,
+        }
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+# transformers 4.x shares KV between layers only through the cache object: without one, the
+# KV-sharing layers would compute their own keys/values (a different model). 5.x shares KV
+# either way, so a cache is always requested.
+_USE_CACHE = True
+_DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def _tied(model: Gemma3nForCausalLM) -> Gemma3nForCausalLM:
+    """Tie the LM head to the embeddings as the config says (skipped weight init skips it)."""
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def _kv_roles(layer_types: list[str], n_shared: int) -> tuple[list[int], list[int]]:
+    """(producer layers, consumer layers) of Gemma 3n's KV sharing.
+
+    Consumers are the last `n_shared` layers; each reuses the KV of the last earlier layer of
+    its attention type. Like transformers, every attention type's last non-consumer layer
+    counts as a producer.
+    """
+    n = len(layer_types)
+    if n_shared <= 0:
+        return [], []
+    first = n - n_shared
+    producers = sorted(
+        max(i for i in range(first) if layer_types[i] == kind)
+        for kind in set(layer_types)
+        if kind in layer_types[:first]
+    )
+    return producers, list(range(first, n))
+
+
+def _same_type(config: Gemma3nTextConfig, a: int, b: int) -> bool:
+    return config.layer_types[a] == config.layer_types[b]
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    if not layers:
+        return "none"
+    if list(layers) == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"{layers[0]}-{layers[-1]}"
+    return ", ".join(str(i) for i in layers)
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ConfigError(f"max_shard_size must be positive, got {size}")
+        return size
+    match = _SIZE.match(str(size))
+    if not match:
+        raise ConfigError(
+            f"max_shard_size must be bytes or a size like '2GB' or '500MB', got {size!r}"
+        )
+    value = float(match[1]) * _SIZE_UNITS[(match[2] or "B").upper()]
+    if value < 1:
+        raise ConfigError(f"max_shard_size must be positive, got {size!r}")
+    return int(value)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _text_config(data: dict[str, Any], path: Path) -> Gemma3nTextConfig:
+    from mnm_search.families import family_of_config
+
+    family = family_of_config(data, where=str(path / "config.json"))  # unsupported -> error
+    if family != GEMMA3N:
+        raise CheckpointError(
+            f"{path} is a {family} checkpoint, not Gemma 3n; load it with "
+            f"mnm_search.load_checkpoint"
+        )
+    if data.get("model_type") == "gemma3n_text":
+        text = data
+    else:
+        text = data.get("text_config")
+        if not isinstance(text, dict):
+            raise CheckpointError(
+                f"{path / 'config.json'} is not a Gemma 3n text checkpoint (model_type "
+                f"{data.get('model_type')!r} without a text_config object)"
+            )
+    try:
+        return Gemma3nTextConfig.from_dict(text)
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as exc:
+        raise CheckpointError(
+            f"{path / 'config.json'}: invalid Gemma 3n text config: {exc}"
+        ) from exc
+
+
+def _shard_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint; missing shards are a clear error."""
+    index_path = path / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(
+                f"{index_path} is not a valid safetensors index (needs a 'weight_map' object)"
+            ) from None
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{path} is incomplete: {len(missing)} of {len(files)} weight shards listed in "
+                f"{INDEX_FILE} are missing ({', '.join(missing[:4])}"
+                f"{', ...' if len(missing) > 4 else ''}); copy or re-download the missing files "
+                f"into {path}"
+            )
+        return [path / f for f in files]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    hint = (
+        f"; it holds pickle files ({', '.join(pickles[:4])}) that mnm never loads, because "
+        f"unpickling can run arbitrary code: convert them to safetensors"
+        if pickles
+        else ""
+    )
+    raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+def _tensor_locations(shards: list[Path]) -> dict[str, Path]:
+    locations: dict[str, Path] = {}
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    locations[name] = shard
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                f"{shard} is corrupt or truncated ({exc}); re-copy or re-download it"
+            ) from exc
+    return locations
+
+
+def _text_prefix(locations: dict[str, Path], path: Path) -> str:
+    """Key prefix of the text model: `model.` (CausalLM) or `model.language_model.` (multimodal)."""
+    anchors = sorted(n[: -len(_ANCHOR)] for n in locations if n.endswith(_ANCHOR))
+    if not anchors:
+        raise CheckpointError(
+            f"{path}: the weights hold no tensor named '*{_ANCHOR}'; they are not a Gemma 3n "
+            f"text model"
+        )
+    return min(anchors, key=len)  # a vision tower would nest deeper; the text model is shallowest
+
+
+def _resolve_dtype(dtype: str, locations: dict[str, Path], prefix: str) -> torch.dtype:
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be auto or one of {', '.join(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[dtype]
+    name = prefix + _ANCHOR
+    with safe_open(str(locations[name]), framework="pt") as handle:
+        stored = handle.get_slice(name).get_dtype()
+    by_code = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    if stored not in by_code:
+        raise CheckpointError(f"weights are stored as {stored}; expected F32, BF16 or F16")
+    return by_code[stored]
+
+
+def _checkpoint_name(name: str, prefix: str) -> str:
+    return prefix + name.removeprefix("model.") if name.startswith("model.") else name
+
+
+def _fill_from_shards(
+    model: Gemma3nForCausalLM, locations: dict[str, Path], prefix: str, path: Path
+) -> None:
+    """Copy every tensor of `model` from the shards, in bounded chunks, checking shapes."""
+    state = model.state_dict(keep_vars=True)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    wanted = {
+        name: _checkpoint_name(name, prefix)
+        for name in state
+        if not (tied and name == "lm_head.weight")
+    }
+    # transformers 4.53 saved Gemma3nForCausalLM's `per_layer_model_projection` as
+    # `per_layer_model.language_model_projection` (its key renaming was not anchored).
+    canonical = {_unmangled(key, prefix): key for key in locations}
+    missing = sorted(n for n, key in wanted.items() if key not in canonical)
+    if missing:
+        raise CheckpointError(
+            f"{path}: the weights lack {len(missing)} tensor(s) config.json implies "
+            f"({', '.join(missing[:4])}); the config and weights do not belong together"
+        )
+    used = set(wanted.values())
+    text_keys = {n for n in canonical if n.startswith(prefix)}
+    unexpected = sorted(
+        n for n in text_keys - used if not any(part in n for part in _KV_ONLY)
+    )  # KV-sharing layers' unused k/v weights are stored in Google's checkpoints: ignore them
+    if unexpected:
+        warnings.warn(
+            f"{path}: ignoring {len(unexpected)} text-model tensor(s) the config does not use "
+            f"({', '.join(unexpected[:4])})",
+            stacklevel=3,
+        )
+    by_file: dict[Path, list[str]] = {}
+    for name, key in wanted.items():
+        by_file.setdefault(locations[canonical[key]], []).append(name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt") as handle:
+                for name in names:
+                    key = canonical[wanted[name]]
+                    _copy_tensor(state[name], handle.get_slice(key), key, path)
+
+
+def _unmangled(key: str, prefix: str) -> str:
+    if prefix != _LANGUAGE_MODEL or not key.startswith(prefix):
+        return key
+    return prefix + key[len(prefix) :].replace(_LANGUAGE_MODEL.rstrip("."), "model")
+
+
+def _copy_tensor(target: torch.Tensor, source: Any, key: str, path: Path) -> None:
+    shape = list(source.get_shape())
+    if shape != list(target.shape):
+        raise CheckpointError(
+            f"{path}: tensor {key} has shape {shape} but config.json implies "
+            f"{list(target.shape)}; the config and weights do not belong together"
+        )
+    if target.dim() == 0 or target.numel() == 0:
+        target.copy_(source[...])
+        return
+    row_bytes = max(1, target[0].numel() * target.element_size())
+    rows = max(1, _COPY_CHUNK_BYTES // row_bytes)
+    for start in range(0, shape[0], rows):
+        target[start : start + rows].copy_(source[start : start + rows])
+
+
+def _files_fingerprint(path: Path, shards: list[Path]) -> str:
+    """Hash of the config, every shard's header and size, and samples of its data.
+
+    Hashing all of E4B's ~16 GB would take minutes; headers pin the architecture and samples
+    spread over every file tell fine-tunes apart.
+    """
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for shard in shards:
+        size = shard.stat().st_size
+        digest.update(f"{shard.name}:{size}".encode())
+        with shard.open("rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            digest.update(handle.read(min(header_len, 100_000_000)))
+            for k in range(16):
+                handle.seek(size * k // 16)
+                digest.update(handle.read(4096))
+    return digest.hexdigest()[:16]
+
+
+def _model_card(info: dict[str, Any]) -> str:
+    source = info.get("source_path") or "an in-memory Gemma 3n model"
+    widths = info["widths"]
+    skipped = info["skipped_layers"]
+    check = info["verification"]
+    verified = (
+        f"Verified: reloaded with `from_pretrained` (transformers {check['transformers']}), "
+        f"logits match the in-place sliced source model to {check['max_abs_logit_diff']:.2e} "
+        f"(max abs, {check['probe_tokens']} probe tokens)."
+        if check.get("verified")
+        else "Not verified after export."
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- gemma3n
+- matformer
+- mix-n-match
+- mnm
+---
+
+# Gemma 3n Mix'n'Match submodel
+
+> This is a submodel sliced from `{source}` (fingerprint `{info["source_fingerprint"]}`) by
+> `mnm` (Mix'n'Match search) without retraining. Gemma 3n is a MatFormer: the first neurons
+> of each FFN form a working smaller FFN, so a slice keeps those neurons and drops whole layers.
+> It is not the original model; its use is subject to the original model's license (Gemma terms).
+
+- Layers kept: {len(widths) - len(skipped)} of {len(widths)}; skipped layers: {skipped or "none"}
+- FFN hidden dims per kept layer (`intermediate_size`): {info["intermediate_size"]}
+- Parameters (text model): {info["params"]:,}; effective (without embedding tables):
+  {info["effective_params"]:,}
+- Widths per source layer (0 = layer skipped): {",".join(str(w) for w in widths)}
+
+{verified}
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
+```
+"""
