@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from mnm_search.checkpoint import default_checkpoint_path, load_checkpoint
@@ -43,7 +45,7 @@ def test_shape_and_provenance(default) -> None:
 
 def test_uniform_sizes_are_strictly_ordered_with_clear_gaps(losses) -> None:
     ordered = [losses[s] for s in ("S*6", "M*6", "L*6", "XL*6")]
-    for smaller, larger in zip(ordered, ordered[1:]):
+    for smaller, larger in itertools.pairwise(ordered):
         assert smaller - larger > 0.01, ordered
 
 
@@ -54,7 +56,11 @@ def test_far_below_the_unigram_baseline(default, losses) -> None:
 
 @pytest.mark.parametrize(
     ("mix", "smaller", "larger"),
-    [("S,S,S,M,M,M", "S*6", "M*6"), ("M,M,M,L,L,L", "M*6", "L*6"), ("L,L,L,XL,XL,XL", "L*6", "XL*6")],
+    [
+        ("S,S,S,M,M,M", "S*6", "M*6"),
+        ("M,M,M,L,L,L", "M*6", "L*6"),
+        ("L,L,L,XL,XL,XL", "L*6", "XL*6"),
+    ],
 )
 def test_mix_n_match_lands_between_its_uniform_neighbours(
     default, losses, mix: str, smaller: str, larger: str
