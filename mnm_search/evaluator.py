@@ -88,7 +88,9 @@ class CachedEvaluator:
 
     `layer_widths[i]` lists the widths of layer `i` worth computing together (the search
     space's choices); when a layer is run for one of them, all of them are produced at once.
-    `cache_mb` bounds the memory held by cached hidden states (least recently used go first).
+    `cache_mb` bounds the memory held by cached hidden states (least recently used first; a
+    hit also refreshes the shorter prefixes on its path); the embeddings and the full
+    model's outputs for the agreement metrics are kept outside that budget.
     """
 
     def __init__(
@@ -199,7 +201,10 @@ class CachedEvaluator:
         while depth > 0 and widths[:depth] not in self._cache:
             depth -= 1
         if depth > 0:
-            self._cache.move_to_end(widths[:depth])
+            # Touch the shorter cached prefixes too: they are shared by even more configs.
+            for shorter in range(1, depth + 1):
+                if widths[:shorter] in self._cache:
+                    self._cache.move_to_end(widths[:shorter])
             self.stats.prefix_hits += depth
             state = self._cache[widths[:depth]]
         else:
@@ -207,7 +212,7 @@ class CachedEvaluator:
         for layer in range(depth, len(widths)):
             siblings = self._run_layer(layer, state, widths[layer])
             for width, output in siblings.items():
-                self._store(widths[:layer] + (width,), output)
+                self._store((*widths[:layer], width), output)
             state = siblings[widths[layer]]
         return state
 

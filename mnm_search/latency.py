@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mnm_search.errors import ProfileError, WidthsError
+from mnm_search.errors import ConfigError, ProfileError, WidthsError
 from mnm_search.targets import HardwareTarget, hardware_differences, machine_facts
 
 PROFILE_FORMAT = "mnm-latency-profile"
@@ -142,8 +142,8 @@ class LatencyModel:
     def to_dict(self) -> dict[str, Any]:
         return {
             "measured_widths": self.measured_widths,
-            "ffn_ms": self.ffn_table.round(6).tolist(),
-            "fixed_ms": round(self.fixed_ms, 6),
+            "ffn_ms": self.ffn_table.tolist(),
+            "fixed_ms": self.fixed_ms,
             "features": list(FEATURES),
             "coefficients": self.coefficients,
             "interpolation": INTERPOLATION,
@@ -177,6 +177,8 @@ class LatencyModel:
             ) from None
         except (TypeError, ValueError) as exc:
             raise ProfileError(f"latency profile has an invalid value: {exc}") from None
+        except ConfigError as exc:
+            raise ProfileError(f"latency profile has an invalid target: {exc}") from None
 
     @classmethod
     def load(cls, path: str | Path, *, fingerprint: str | None = None) -> LatencyModel:

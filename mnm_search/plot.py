@@ -8,7 +8,7 @@ Figures are built without pyplot, so no global state and no display: PNGs render
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -51,19 +51,19 @@ def pareto_figure(
     front: pd.DataFrame,
     *,
     cost: str = "latency_ms",
-    marked: Mapping[str, pd.Series] | None = None,
-    heuristic: Sequence[str] = (),
+    uniform: Mapping[str, pd.Series] | None = None,
+    heuristic: pd.DataFrame | None = None,
     budget: float | None = None,
     target: str | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Loss vs cost: every trial faint, the front as a step line, labelled reference models.
+    """Loss vs cost: every trial faint, the front as a step line, the reference models marked.
 
-    `marked` maps a label (`S`, `M`, `H1`, ...) to a trial row; labels in `heuristic` are drawn
-    as the paper's heuristic configurations, the others as uniform models. `budget` (in the
-    cost column's unit) draws a vertical line.
+    `uniform` maps a label (`S`, `M`, ...) to the trial row of that uniform model; each is
+    marked and labelled. `heuristic` holds the rows of the paper's minimum-slope
+    configurations. `budget` (in the cost column's unit) draws a vertical line.
     """
-    _, _, scale = _axis(cost)
+    _, unit, scale = _axis(cost)
     trials = _finished(trials, cost)
     front = _finished(front, cost).sort_values(cost)
     fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
@@ -78,6 +78,7 @@ def pareto_figure(
         label=f"all trials ({len(trials)})",
     )
     if len(front):
+        # A step: at any budget, the best loss is that of the last front point within it.
         ax.step(
             front[cost] * scale,
             front["loss"],
@@ -88,34 +89,38 @@ def pareto_figure(
             markersize=4,
             label=f"Pareto front ({len(front)})",
         )
-    uniform_done = heuristic_done = False
-    for label, row in (marked or {}).items():
-        is_heuristic = label in heuristic
+    if heuristic is not None and len(heuristic := _finished(heuristic, cost)):
+        ax.scatter(
+            heuristic[cost] * scale,
+            heuristic["loss"],
+            s=45,
+            marker="^",
+            facecolor="none",
+            edgecolor="tab:green",
+            linewidths=1.4,
+            zorder=4,
+            label=f"heuristic: min. slope ({len(heuristic)})",
+        )
+    for i, (label, row) in enumerate((uniform or {}).items()):
         ax.scatter(
             [row[cost] * scale],
             [row["loss"]],
-            s=70 if not is_heuristic else 60,
-            marker="^" if is_heuristic else "s",
+            s=70,
+            marker="s",
             facecolor="none",
-            edgecolor="tab:green" if is_heuristic else "tab:red",
+            edgecolor="tab:red",
             linewidths=1.8,
             zorder=5,
-            label=(
-                ("heuristic (min. slope)" if not heuristic_done else None)
-                if is_heuristic
-                else ("uniform S/M/L/XL" if not uniform_done else None)
-            ),
+            label="uniform models" if i == 0 else None,
         )
-        heuristic_done |= is_heuristic
-        uniform_done |= not is_heuristic
         ax.annotate(
             label,
             (row[cost] * scale, row["loss"]),
-            xytext=(6, 6 if not is_heuristic else -12),
+            xytext=(6, 6),
             textcoords="offset points",
             fontsize=9,
             fontweight="bold",
-            color="tab:green" if is_heuristic else "tab:red",
+            color="tab:red",
         )
     if budget is not None:
         ax.axvline(
@@ -123,13 +128,14 @@ def pareto_figure(
             color="tab:orange",
             linestyle="--",
             linewidth=1.5,
-            label=f"budget {budget * scale:g} {_axis(cost)[1]}",
+            label=f"budget {budget * scale:.3g} {unit}",
         )
     ax.set_xlabel(cost_label(cost, target))
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title or "Mix'n'Match configurations: quality vs cost")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    ax.margins(x=0.06, y=0.1)  # room for the labels of the extreme models
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
     return fig
 
 

@@ -36,7 +36,7 @@ class HardwareTarget:
     threads: int | None = 1
     batch: int = 1
     phase: str = "prefill"
-    seq_len: int = 128
+    seq_len: int = None  # type: ignore[assignment]  # None -> 128 for prefill, 1 for decode
     context_len: int = 0
     repeats: int = 15
     warmup: int = 3
@@ -60,6 +60,8 @@ class HardwareTarget:
             raise ConfigError(
                 f"target field 'phase' must be one of {', '.join(PHASES)}, got {self.phase!r}"
             )
+        if self.seq_len is None:
+            object.__setattr__(self, "seq_len", 128 if self.phase == "prefill" else 1)
         if self.threads is not None:
             _check_int("threads", self.threads, minimum=1, allowed="an integer >= 1 or null")
         _check_int("batch", self.batch, minimum=1)
@@ -124,11 +126,8 @@ class HardwareTarget:
             raise ConfigError(
                 f"{source}: phase 'decode' needs field 'context_len' (tokens in the KV cache)"
             )
-        kwargs = dict(data)
-        if phase == "decode":
-            kwargs.setdefault("seq_len", 1)
         try:
-            return cls(**kwargs)
+            return cls(**data)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mnm_search.cli import _core
+from mnm_search.cli import _core, _demo, _export, _pareto, _profile, _search
 
 app = typer.Typer(
     name="mnm",
@@ -27,8 +27,12 @@ def _root(
 
 app.command(name="info")(_core.info)
 app.command(name="eval")(_core.eval_command)
+app.command(name="profile")(_profile.profile)
+app.command(name="search")(_search.search)
+app.command(name="pareto")(_pareto.pareto)
+app.command(name="export")(_export.export)
 app.command(name="train")(_core.train)
-app.command(name="demo")(_core.demo)
+app.command(name="demo")(_demo.demo)
 
 
 def main() -> None:

@@ -99,7 +99,10 @@ def info(ckpt: CkptArg = None, as_json: JsonOpt = False) -> None:
         )
     training = checkpoint.metadata.get("training")
     if training:
-        table.add_row("trained with", str(training.get("command") or "?"))
+        commands = training.get("commands") or [training.get("command") or "?"]
+        table.add_row("trained with", "\n".join(commands))
+        if training.get("history"):
+            table.add_row("history", training["history"])
         table.add_row("corpus", str(training.get("corpus")))
         table.add_row(
             "training",

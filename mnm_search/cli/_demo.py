@@ -1,0 +1,217 @@
+"""`mnm demo`: the whole pipeline on the embedded default checkpoint, in a few minutes.
+
+profile this machine -> search -> Pareto table, plot and heat-map -> export the best model
+under a latency budget -> a summary of where everything is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mnm_search.checkpoint import load_checkpoint
+from mnm_search.cli._common import err, out, progress_bar, user_errors
+from mnm_search.cli._export import default_measurement_target
+from mnm_search.cli._pareto import Results, front_table, print_front, write_outputs
+from mnm_search.data import load_eval_set
+from mnm_search.errors import ConfigError
+from mnm_search.export import export_submodel, pick_under_budget
+from mnm_search.latency import LatencyModel
+from mnm_search.profiler import profile_checkpoint, write_profile
+from mnm_search.space import SearchSpace
+from mnm_search.study import SearchProgress, SearchSettings, run_search
+
+MARKER = "demo.json"  # marks a directory as the demo's own, so a re-run may replace it
+BUDGET_SHARE = 0.7  # export the best model within 70 % of the full model's latency
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """How much work each stage does; sized for a 2-core CPU."""
+
+    quick_profile: bool
+    trials: int
+    eval_tokens: int
+
+
+FULL = DemoPlan(quick_profile=False, trials=100, eval_tokens=8_192)
+QUICK = DemoPlan(quick_profile=True, trials=30, eval_tokens=4_096)
+
+
+def _prepare(out_dir: Path) -> None:
+    """Start from an empty directory; replace only a previous demo's output."""
+    if out_dir.exists():
+        if not (out_dir / MARKER).is_file():
+            raise ConfigError(
+                f"{out_dir} exists but was not written by `mnm demo`; move it away or choose "
+                f"another --out"
+            )
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    (out_dir / MARKER).write_text(json.dumps({"status": "running"}) + "\n")
+
+
+def _stage(number: int, text: str) -> None:
+    err.print(f"[bold cyan][{number}/5][/] {text}", highlight=False)
+
+
+@user_errors
+def demo(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Quick profile, fewer trials and tokens (~1 min).")
+    ] = False,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where the demo writes everything.")
+    ] = Path("results/demo"),
+) -> None:
+    """Run the whole pipeline on the embedded default checkpoint.
+
+    Profiles this machine, searches Mix'n'Match configurations, shows and plots the Pareto
+    front, and exports the best submodel within 70% of the full model's latency.
+
+    Example: mnm demo --quick
+    """
+    plan = QUICK if quick else FULL
+    started = time.perf_counter()
+    checkpoint = load_checkpoint(None)
+    config = checkpoint.config
+    _prepare(out_dir)
+
+    target = default_measurement_target(checkpoint)
+    kind = "quick profile" if plan.quick_profile else "profile"
+    _stage(1, f"{kind} of {target.describe()}")
+    with progress_bar() as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_profile(event: dict[str, Any]) -> None:
+            stage = event["stage"]
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=event["total"], status="")
+            progress.update(tasks[stage], completed=event["done"])
+
+        profile = profile_checkpoint(
+            checkpoint, target, quick=plan.quick_profile, on_progress=on_profile
+        )
+    profile_path = write_profile(profile, out_dir / "profile.json")
+    latency_model = LatencyModel.from_profile(profile)
+    validation = profile.get("validation") or {}
+    if validation.get("mape_pct") is not None:
+        err.print(
+            f"      latency model: {validation['mape_pct']:.1f}% MAPE on held-out sliced "
+            f"models (noise floor {validation.get('noise_floor', {}).get('mape_pct', 0):.1f}%)",
+            highlight=False,
+        )
+
+    _stage(2, f"searching {plan.trials} configurations (loss on {plan.eval_tokens:,} tokens)")
+    eval_set = load_eval_set(None, seq_len=config.max_seq_len, max_tokens=plan.eval_tokens)
+    settings = SearchSettings(n_trials=plan.trials, objectives=("loss", "latency"), seed=0)
+    full_ms = latency_model.predict_ms(config.physical_widths)
+    budget = BUDGET_SHARE * full_ms
+    with progress_bar() as progress:
+        task = progress.add_task("searching", total=plan.trials, status="")
+
+        def on_search(event: SearchProgress) -> None:
+            status = f"{event.trials_per_s:.1f} trials/s"
+            if event.best_loss is not None:
+                status += f"  best loss {event.best_loss:.4f}"
+            progress.update(task, completed=event.n_complete, status=status)
+
+        run_search(
+            checkpoint,
+            SearchSpace.from_config(config),
+            settings,
+            eval_set,
+            study_name="demo",
+            results_dir=out_dir,
+            latency_model=latency_model,
+            run_info={
+                "command": "mnm demo" + (" --quick" if quick else ""),
+                "profile": str(profile_path),
+                "target": target.name,
+                "data": "bundled validation text",
+            },
+            on_progress=on_search,
+        )
+
+    _stage(3, "Pareto front")
+    results = Results(out_dir)
+    print_front(results, front_table(results))
+    _, plot_path, heatmap_path = write_outputs(results, budget=budget)
+
+    _stage(
+        4,
+        f"exporting the best model within {BUDGET_SHARE:.0%} of the full model's latency "
+        f"({budget:.2f} of {full_ms:.2f} ms predicted)",
+    )
+    within = results.front[results.front["latency_ms"] <= budget]
+    if within.empty:  # fixed costs dominate this model on this machine
+        err.print("      nothing on the front meets the budget; exporting the fastest model")
+        within = results.front.nsmallest(1, "latency_ms")
+    member = pick_under_budget(within, float(within["latency_ms"].max()), results_dir=out_dir)
+    export_dir = out_dir / "export"
+    with err.status("exporting") as status:
+        report = export_submodel(
+            checkpoint,
+            member,
+            export_dir,
+            eval_set=eval_set,
+            latency_model=latency_model,
+            target=target,
+            provenance={"results_dir": str(out_dir), "budget_ms": round(budget, 4)},
+            on_progress=status.update,
+        )
+
+    seconds = time.perf_counter() - started
+    summary = {
+        "status": "done",
+        "quick": quick,
+        "seconds": round(seconds, 1),
+        "checkpoint": str(checkpoint.path),
+        "profile": str(profile_path),
+        "results_dir": str(out_dir),
+        "plot": str(plot_path),
+        "heatmap": str(heatmap_path),
+        "export": report.to_dict(),
+        "budget_ms": budget,
+        "full_model_predicted_ms": full_ms,
+    }
+    (out_dir / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+    _stage(5, f"done in {seconds:.0f} s")
+    _print_summary(summary, report.widths_compact)
+
+
+def _print_summary(summary: dict[str, Any], compact: str) -> None:
+    export = summary["export"]
+    lines = [
+        f"profile       {summary['profile']}",
+        f"search        {summary['results_dir']}/trials.csv, pareto.csv, run.json",
+        f"plot          {summary['plot']}",
+        f"heat-map      {summary['heatmap']}",
+        f"exported      {export['path']}  ({compact}, {export['params']:,} params)",
+    ]
+    if export.get("loss") is not None:
+        lines.append(f"  loss        {export['loss']:.4f} nats/token")
+    if export.get("measured_ms") is not None:
+        lines.append(
+            f"  latency     {export['measured_ms']:.2f} ms measured, "
+            f"{export['predicted_ms']:.2f} ms predicted "
+            f"({export['latency_error_pct']:+.1f}%), "
+            f"{export['speedup_vs_full']:.2f}x faster than the full model"
+        )
+        error = abs(export["latency_error_pct"])
+        if error > 20:
+            lines.append(
+                f"  note        prediction and measurement differ by {error:.0f}%: this "
+                f"machine was probably busy while profiling; re-run when idle"
+            )
+    lines.append(
+        f"next: mnm pareto {summary['results_dir']}  |  "
+        f"mnm export --from {summary['results_dir']} --max-latency-ms X --out DIR"
+    )
+    out.print("\n".join(lines), highlight=False)

@@ -1,0 +1,237 @@
+"""`mnm export`: sliced, verified submodels from explicit widths or from search results."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mnm_search.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
+from mnm_search.cli._common import (
+    DEFAULT_EVAL_TOKENS,
+    CkptArg,
+    DataOpt,
+    JsonOpt,
+    err,
+    out,
+    print_json,
+    user_errors,
+)
+from mnm_search.cli._pareto import Results
+from mnm_search.cli._profile import load_profile_for
+from mnm_search.config import parse_widths
+from mnm_search.data import load_eval_set
+from mnm_search.errors import ConfigError, ExportError
+from mnm_search.export import (
+    ExportReport,
+    Member,
+    check_format,
+    export_front,
+    export_submodel,
+    front_members,
+    pick_trial,
+    pick_under_budget,
+)
+from mnm_search.latency import LatencyModel
+from mnm_search.targets import HardwareTarget, default_target, load_target
+
+
+def _checkpoint_for(ckpt: Path | None, results: Results | None) -> Checkpoint:
+    """The checkpoint to slice: CKPT, else the one the search ran on; it must match the search."""
+    if results is None:
+        return load_checkpoint(ckpt)
+    searched = results.run_info.get("checkpoint")
+    if ckpt is None:
+        path = Path(searched) if searched else default_checkpoint_path()
+        if not path.exists():
+            raise ExportError(
+                f"{results.dir} was searched on checkpoint {path}, which is no longer there; "
+                f"pass the checkpoint directory as CKPT"
+            )
+        ckpt = path
+    checkpoint = load_checkpoint(ckpt)
+    expected = results.run_info.get("fingerprint")
+    if expected and expected != checkpoint.fingerprint:
+        raise ExportError(
+            f"{results.dir} was searched on checkpoint {expected}, but {ckpt} is "
+            f"{checkpoint.fingerprint}; its widths and losses do not apply to this checkpoint"
+        )
+    return checkpoint
+
+
+def default_measurement_target(checkpoint: Checkpoint) -> HardwareTarget:
+    """cpu-prefill; a model shorter than its 128 tokens is timed at its own length."""
+    fallback = default_target()
+    seq_len = min(fallback.seq_len, checkpoint.config.max_seq_len)
+    if seq_len == fallback.seq_len:
+        return fallback
+    return dataclasses.replace(
+        fallback, seq_len=seq_len, description=f"CPU prefill, batch 1, {seq_len} tokens"
+    )
+
+
+def _latency_model(
+    profile: Path | None, results: Results | None, checkpoint: Checkpoint
+) -> LatencyModel | None:
+    """--profile, else the profile the search used (if it is still there)."""
+    if profile is None and results is not None:
+        recorded = results.run_info.get("profile")
+        if isinstance(recorded, dict):
+            recorded = recorded.get("path")
+        if recorded and Path(recorded).is_file():
+            profile = Path(recorded)
+    if profile is None:
+        return None
+    return load_profile_for(checkpoint, profile)
+
+
+def _members(
+    results: Results,
+    *,
+    trial: int | None,
+    max_latency_ms: float | None,
+    all_pareto: bool,
+) -> list[Member]:
+    chosen = sum([trial is not None, max_latency_ms is not None, all_pareto])
+    if chosen != 1:
+        raise ConfigError(
+            "with --from, choose exactly one of --trial N, --max-latency-ms X or --all-pareto"
+        )
+    if trial is not None:
+        return [pick_trial(results.trials, trial, results_dir=results.dir)]
+    if max_latency_ms is not None:
+        usable = results.finished
+        if "feasible" in usable.columns:
+            usable = usable[usable["feasible"].astype(bool)]
+        return [pick_under_budget(usable, max_latency_ms, results_dir=results.dir)]
+    return front_members(results.front, results_dir=results.dir)
+
+
+def _show(reports: list[ExportReport], out_dir: Path) -> None:
+    worst = max(r.logits_max_abs_diff for r in reports)
+    table = Table(title=f"exported to {out_dir} (verified: max |Δ logits| {worst:.1e})")
+    several = len(reports) > 1
+    columns = ["widths", "params", "loss", "pred. ms", "meas. ms", "error", "vs full"]
+    if several:
+        table.add_column("trial", justify="right")
+    for column in columns:
+        table.add_column(
+            column, justify="left" if column == "widths" else "right", no_wrap=column == "widths"
+        )
+    for r in reports:
+        cells = [str(r.trial) if r.trial is not None else r.path.name] if several else []
+        cells += [
+            r.widths_compact,
+            f"{r.params / 1e6:.2f}M",
+            f"{r.loss:.4f}" if r.loss is not None else "-",
+            f"{r.predicted_ms:.3f}" if r.predicted_ms is not None else "-",
+            f"{r.measured_ms:.3f}" if r.measured_ms is not None else "-",
+            f"{r.latency_error_pct:+.1f}%" if r.latency_error_pct is not None else "-",
+            f"{r.speedup_vs_full:.2f}x" if r.speedup_vs_full is not None else "-",
+        ]
+        table.add_row(*cells)
+    out.print(table)
+    errors = [abs(r.latency_error_pct) for r in reports if r.latency_error_pct is not None]
+    if len(errors) > 1:
+        mape = sum(errors) / len(errors)
+        out.print(f"latency prediction MAPE over {len(errors)} exports: {mape:.1f}%")
+    if reports[0].target:
+        out.print(
+            f"measured on {reports[0].target}; vs full: speed-up over the full universal "
+            f"model, measured right after each export"
+        )
+
+
+@user_errors
+def export(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write (must not exist).")],
+    ckpt: CkptArg = None,
+    widths: Annotated[
+        str | None,
+        typer.Option("--widths", "-w", help="One width per layer: S,M,L,XL, integers, 0, X*N."),
+    ] = None,
+    from_dir: Annotated[
+        Path | None, typer.Option("--from", help="Results directory of `mnm search`.")
+    ] = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="Export this trial.")] = None,
+    max_latency_ms: Annotated[
+        float | None,
+        typer.Option("--max-latency-ms", help="Export the best trial within this latency."),
+    ] = None,
+    all_pareto: Annotated[
+        bool,
+        typer.Option("--all-pareto", help="Export every front member (one subdirectory each)."),
+    ] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", help="safetensors, onnx (adds model.onnx), hf (Gemma 3n).")
+    ] = "safetensors",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    profile: Annotated[
+        Path | None,
+        typer.Option("--profile", help="Latency profile for the predicted latency."),
+    ] = None,
+    target: Annotated[
+        Path | None,
+        typer.Option(
+            "--target", help="Target YAML to measure on (default: the profile's, or cpu-prefill)."
+        ),
+    ] = None,
+    data: DataOpt = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, help="Evaluate on at most this many tokens.")
+    ] = DEFAULT_EVAL_TOKENS,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a physically sliced, verified submodel (config.json, safetensors, model card).
+
+    Example: mnm export --from results/default --max-latency-ms 5 --out my-model
+    """
+    check_format(fmt)
+    if (widths is None) == (from_dir is None):
+        raise ConfigError("give either --widths W or --from RESULTS_DIR (exactly one)")
+    if from_dir is None and (trial is not None or max_latency_ms is not None or all_pareto):
+        raise ConfigError(
+            "--trial, --max-latency-ms and --all-pareto choose from --from RESULTS_DIR"
+        )
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} already exists; choose another --out or pass --force")
+    results = Results(from_dir) if from_dir is not None else None
+    checkpoint = _checkpoint_for(ckpt, results)
+    if results is None:
+        members = [Member(widths=parse_widths(widths or "", checkpoint.config))]
+    else:
+        members = _members(
+            results, trial=trial, max_latency_ms=max_latency_ms, all_pareto=all_pareto
+        )
+    latency_model = _latency_model(profile, results, checkpoint)
+    measure_on: HardwareTarget
+    if target is not None:
+        measure_on = load_target(target)
+    elif latency_model is not None:
+        measure_on = latency_model.target
+    else:
+        measure_on = default_measurement_target(checkpoint)
+    eval_set = load_eval_set(data, seq_len=checkpoint.config.max_seq_len, max_tokens=max_tokens)
+    options: dict[str, Any] = {
+        "fmt": fmt,
+        "eval_set": eval_set,
+        "data_name": str(data) if data is not None else "bundled validation text",
+        "latency_model": latency_model,
+        "target": measure_on,
+        "provenance": {"results_dir": str(from_dir)} if from_dir is not None else {},
+        "overwrite": force,
+    }
+    with err.status("exporting") as status:
+        options["on_progress"] = lambda message: status.update(message)
+        if all_pareto:
+            reports = export_front(checkpoint, members, out_dir, **options)
+        else:
+            reports = [export_submodel(checkpoint, members[0], out_dir, **options)]
+    if as_json:
+        data_out = [r.to_dict() for r in reports]
+        print_json({"out": str(out_dir), "exports": data_out} if all_pareto else data_out[0])
+        return
+    _show(reports, out_dir)

@@ -1,0 +1,261 @@
+"""`mnm pareto`: the front of a results directory as a table, pareto.csv, a plot and a heat-map."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+import typer
+from rich.table import Table
+
+from mnm_search.checkpoint import CONFIG_FILE, default_checkpoint_path
+from mnm_search.cli._common import JsonOpt, err, out, print_json, user_errors
+from mnm_search.config import ModelConfig, format_widths
+from mnm_search.export import finished_trials
+from mnm_search.pareto import PARETO_FILE, pareto_front, read_results
+from mnm_search.plot import COST_AXES, pareto_figure, save_figure, width_heatmap
+
+PLOT_FILE = "pareto.png"
+HEATMAP_FILE = "heatmap.png"
+
+
+class Results:
+    """A results directory, read once: trials, the current front, and what they mean."""
+
+    def __init__(self, results_dir: Path) -> None:
+        self.dir = results_dir
+        trials, _, self.run_info = read_results(results_dir)
+        self.trials = trials
+        self.finished = finished_trials(trials, results_dir)
+        self.objectives = list(self.run_info.get("objective_columns") or ["loss", "latency_ms"])
+        self.objectives = [c for c in self.objectives if c in trials.columns] or ["loss", "params"]
+        costs = [c for c in self.objectives if c in COST_AXES]
+        if costs:
+            self.cost = costs[0]
+        else:
+            self.cost = "latency_ms" if _has(trials, "latency_ms") else "params"
+        self.front = pareto_front(trials, self.objectives)
+        if self.front.empty:  # e.g. every finished trial broke a constraint
+            self.front = pareto_front(self.finished.assign(feasible=True), self.objectives)
+        self.names_config = _names_config(self.run_info)
+        self.names = (
+            dict(zip(self.names_config.granularities, self.names_config.granularity_names))
+            if self.names_config is not None
+            else {}
+        )
+        self.budget = (self.run_info.get("constraints") or {}).get(self.cost)
+
+    def compact(self, widths: str) -> str:
+        values = [int(w) for w in str(widths).split(",")]
+        if self.names_config is None:
+            return " ".join(map(str, values))
+        return format_widths(values, self.names_config)
+
+    def labelled(self) -> tuple[dict[str, pd.Series], pd.DataFrame]:
+        """Uniform models by name, and the heuristic (min-slope) rows, among finished trials."""
+        rows = self.finished.dropna(subset=[self.cost])
+        uniform: dict[str, pd.Series] = {}
+        for _, row in rows.iterrows():
+            values = {int(w) for w in str(row["widths"]).split(",")}
+            if len(values) == 1 and (width := values.pop()) in self.names:
+                uniform.setdefault(self.names[width], row)
+        order = {name: i for i, name in enumerate(self.names.values())}
+        uniform = dict(sorted(uniform.items(), key=lambda item: order.get(item[0], 99)))
+        if "source" in rows.columns:
+            heuristic = rows[rows["source"].astype(str) == "min-slope"]
+        else:
+            heuristic = rows.iloc[0:0]
+        return uniform, heuristic
+
+
+def _has(df: pd.DataFrame, column: str) -> bool:
+    return column in df.columns and not df[column].isna().all()
+
+
+def _names_config(run_info: dict[str, Any]) -> ModelConfig | None:
+    """A stand-in config whose granularities (from the search space, else from the
+    checkpoint) give format_widths the names `S`, `M`, ... of the searched model."""
+    grans = (run_info.get("space") or {}).get("granularities")
+    if not grans:
+        path = Path(run_info.get("checkpoint") or default_checkpoint_path()) / CONFIG_FILE
+        try:
+            grans = json.loads(path.read_text())["granularities"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return ModelConfig(
+        d_model=1, n_layers=1, n_heads=1, d_ff=int(grans[-1]), granularities=tuple(grans)
+    )
+
+
+def front_table(results: Results) -> pd.DataFrame:
+    """The front with perplexity and the comparison with the nearest uniform model (by cost)."""
+    front = results.front.sort_values(results.cost).reset_index(drop=True)
+    uniform, _ = results.labelled()
+    rows = []
+    for _, row in front.iterrows():
+        data: dict[str, Any] = {
+            "trial": int(row["trial"]),
+            "widths": [int(w) for w in str(row["widths"]).split(",")],
+            "widths_compact": results.compact(row["widths"]),
+            "loss": float(row["loss"]),
+            "perplexity": math.exp(float(row["loss"])),
+        }
+        for column in ("latency_ms", "params", "memory_bytes"):
+            if _has(front, column):
+                value = row[column]
+                data[column] = None if pd.isna(value) else _number(value)
+        # The gain over the best uniform model that costs no more than this member.
+        cost = float(row[results.cost])
+        affordable = [
+            (name, ref) for name, ref in uniform.items() if float(ref[results.cost]) <= cost
+        ]
+        if affordable:
+            name, ref = max(affordable, key=lambda item: float(item[1][results.cost]))
+            data["nearest_uniform"] = name
+            data["loss_vs_uniform"] = float(row["loss"]) - float(ref["loss"])
+            data["cost_vs_uniform_pct"] = 100.0 * (cost / float(ref[results.cost]) - 1.0)
+        elif uniform:
+            data["nearest_uniform"] = None
+            data["loss_vs_uniform"] = None
+            data["cost_vs_uniform_pct"] = None
+        rows.append(data)
+    return pd.DataFrame(rows)
+
+
+def _number(value: Any) -> int | float:
+    """Counts (params, bytes) as ints, latencies as floats."""
+    number = float(value)
+    return int(number) if number.is_integer() and abs(number) >= 1000 else number
+
+
+def write_outputs(
+    results: Results,
+    *,
+    plot: Path | None = None,
+    heatmap: Path | None = None,
+    budget: float | None = None,
+) -> tuple[Path, Path, Path]:
+    """Refresh pareto.csv and draw the plot and heat-map; return their paths.
+
+    `budget` (in the cost column's unit) overrides the search's own constraint, if any.
+    """
+    csv = results.dir / PARETO_FILE
+    tmp = csv.with_name(f".{csv.name}.tmp")
+    results.front.to_csv(tmp, index=False)
+    tmp.replace(csv)
+    uniform, heuristic = results.labelled()
+    target = _target_name(results.run_info)
+    study = results.run_info.get("study") or results.dir.name
+    plot = plot or results.dir / PLOT_FILE
+    figure = pareto_figure(
+        results.finished,
+        results.front,
+        cost=results.cost,
+        uniform=uniform,
+        heuristic=heuristic,
+        budget=budget if budget is not None else results.budget,
+        target=target,
+        title=f"{study}: validation loss vs {COST_AXES[results.cost][0]}",
+    )
+    save_figure(figure, plot)
+    heatmap = heatmap or results.dir / HEATMAP_FILE
+    save_figure(
+        width_heatmap(results.front, cost=results.cost, names=results.names, target=target),
+        heatmap,
+    )
+    return csv, plot, heatmap
+
+
+def _target_name(run_info: dict[str, Any]) -> str | None:
+    target = run_info.get("target")
+    if isinstance(target, dict):
+        return target.get("name")
+    return target if isinstance(target, str) else None
+
+
+def print_front(results: Results, table: pd.DataFrame) -> None:
+    unit = {"latency_ms": "ms", "params": "params", "memory_bytes": "MiB"}[results.cost]
+    title = (
+        f"Pareto front of {results.dir}: {len(table)} of {len(results.finished)} finished "
+        f"trials (objectives {', '.join(results.objectives)})"
+    )
+    view = Table(title=title)
+    view.add_column("trial", justify="right")
+    view.add_column("widths", no_wrap=True)
+    view.add_column("loss", justify="right")
+    view.add_column("ppl", justify="right")
+    if "latency_ms" in table.columns:
+        view.add_column("ms", justify="right")
+    view.add_column("params", justify="right", no_wrap=True)
+    if "memory_bytes" in table.columns:
+        view.add_column("memory MiB", justify="right")
+    if "nearest_uniform" in table.columns:
+        view.add_column("vs uniform", justify="right", no_wrap=True)
+        view.caption = (
+            f"vs uniform: loss minus that of the best uniform model costing no more "
+            f"(negative = better), and how much more this one costs in {unit}"
+        )
+    for _, row in table.iterrows():
+        cells = [str(row["trial"]), row["widths_compact"], f"{row['loss']:.4f}"]
+        cells.append(f"{row['perplexity']:.3f}")
+        if "latency_ms" in table.columns:
+            cells.append(f"{row['latency_ms']:.2f}")
+        cells.append(f"{row['params'] / 1e6:.2f}M")
+        if "memory_bytes" in table.columns:
+            cells.append(f"{row['memory_bytes'] / 2**20:.1f}")
+        if "nearest_uniform" in table.columns and row["nearest_uniform"] is None:
+            cells.append("-")
+        elif "nearest_uniform" in table.columns:
+            delta = row["loss_vs_uniform"]
+            colour = "green" if delta < -5e-4 else ("red" if delta > 5e-4 else "white")
+            cells.append(
+                f"[{colour}]{delta:+.4f}[/] {row['nearest_uniform']} "
+                f"{row['cost_vs_uniform_pct']:+.0f}%"
+            )
+        view.add_row(*cells)
+    out.print(view)
+
+
+@user_errors
+def pareto(
+    results_dir: Annotated[Path, typer.Argument(help="Results directory of `mnm search`.")],
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Where to write the plot (default: RESULTS_DIR/pareto.png)."),
+    ] = None,
+    heatmap: Annotated[
+        Path | None,
+        typer.Option(
+            "--heatmap", help="Per-layer width heat-map (default: RESULTS_DIR/heatmap.png)."
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the Pareto front of a search: table, pareto.csv, plot and width heat-map.
+
+    Example: mnm pareto results/default --plot front.png
+    """
+    results = Results(results_dir)
+    table = front_table(results)
+    csv, plot_path, heatmap_path = write_outputs(results, plot=plot, heatmap=heatmap)
+    if as_json:
+        print_json(
+            {
+                "results_dir": str(results.dir),
+                "objectives": results.objectives,
+                "cost": results.cost,
+                "n_trials": len(results.trials),
+                "n_finished": len(results.finished),
+                "budget": results.budget,
+                "front": json.loads(table.to_json(orient="records")),
+                "pareto_csv": str(csv),
+                "plot": str(plot_path),
+                "heatmap": str(heatmap_path),
+            }
+        )
+        return
+    print_front(results, table)
+    err.print(f"wrote {csv}, {plot_path} and {heatmap_path}")

@@ -1,0 +1,209 @@
+"""`mnm profile`: measure a latency model of a checkpoint on a hardware target."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mnm_search.checkpoint import Checkpoint, load_checkpoint
+from mnm_search.cli._common import CkptArg, JsonOpt, err, out, print_json, progress_bar, user_errors
+from mnm_search.config import ModelConfig, param_count
+from mnm_search.errors import ConfigError
+from mnm_search.latency import LatencyModel
+from mnm_search.profiler import profile_checkpoint, write_profile
+from mnm_search.targets import HardwareTarget, default_target, load_target
+
+TargetOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--target", "-t", help="Hardware target YAML (default: profiles/cpu-prefill.yaml)."
+    ),
+]
+
+
+def resolve_target(path: Path | None) -> HardwareTarget:
+    return default_target() if path is None else load_target(path)
+
+
+def load_profile_for(checkpoint: Checkpoint, path: Path) -> LatencyModel:
+    """The latency model in `path`, refused unless it was measured for this checkpoint.
+
+    An exported submodel may use its source checkpoint's profile. A hardware mismatch is
+    printed as a warning on stderr.
+    """
+    expected = checkpoint.fingerprint
+    if not checkpoint.config.is_universal and checkpoint.metadata.get("source_fingerprint"):
+        expected = str(checkpoint.metadata["source_fingerprint"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = LatencyModel.load(path, fingerprint=expected)
+    for warning in caught:
+        err.print(f"[yellow]Warning:[/] {warning.message}", highlight=False)
+    return model
+
+
+def _parse_extra_widths(spec: str | None) -> list[int]:
+    if not spec:
+        return []
+    try:
+        return [int(item) for item in spec.split(",") if item.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--measure-widths takes comma-separated integers, e.g. 384,768; got {spec!r}"
+        ) from None
+
+
+@user_errors
+def profile(
+    ckpt: CkptArg = None,
+    target_path: TargetOpt = None,
+    out_path: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Profile JSON to write (default: profile-TARGET.json)."),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Fewer repeats and samples: a first look in < 1 min.")
+    ] = False,
+    measure_widths: Annotated[
+        str | None,
+        typer.Option(
+            "--measure-widths",
+            help="Also measure these FFN widths (comma-separated) instead of interpolating.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure per-layer latency on a hardware target and fit a validated latency model.
+
+    Times every layer's FFN at every trained width and the fixed costs, calibrates on
+    sampled configurations run as sliced models, and validates on held-out ones next to
+    the noise floor (the same configurations measured twice).
+
+    Example: mnm profile --target profiles/cpu-decode.yaml --out decode.json --quick
+    """
+    target = resolve_target(target_path)
+    extra = _parse_extra_widths(measure_widths)
+    checkpoint = load_checkpoint(ckpt)
+    destination = out_path or Path(f"profile-{target.name}.json")
+    err.print(f"Profiling {target.describe()}", highlight=False)
+    with progress_bar() as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(event: dict[str, Any]) -> None:
+            stage = event["stage"]
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=event["total"], status="")
+            progress.update(tasks[stage], completed=event["done"])
+
+        result = profile_checkpoint(
+            checkpoint, target, quick=quick, on_progress=on_progress, extra_widths=extra
+        )
+    write_profile(result, destination)
+    if as_json:
+        print_json(
+            {
+                "profile": str(destination),
+                "target": result["target"],
+                "validation": {k: v for k, v in result["validation"].items() if k != "samples"},
+                "seconds": result["timing"]["seconds"],
+            }
+        )
+        return
+    print_summary(result, checkpoint.config)
+    out.print(f"Wrote {destination} ({result['timing']['seconds']:.1f} s of measurement)")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} %"
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def print_summary(result: dict[str, Any], config: ModelConfig) -> None:
+    """Rich tables: per-layer FFN times, fixed costs, uniform models, validation."""
+    target, device = result["target"], result["device"]
+    hardware = device.get("gpu_name") or device.get("cpu_model")
+    out.print(
+        f"[bold]{target['name']}[/]: {target['device']} {target['dtype']} on {hardware}, "
+        f"torch {device['torch_version']}, threads {device['threads']}",
+        highlight=False,
+    )
+    table_info = result["ffn_table"]
+    widths = table_info["widths"]
+    names = dict(zip(config.granularities, config.granularity_names))
+    ffn = Table(title="FFN time per layer (ms, isolated, median)")
+    ffn.add_column("layer", justify="right")
+    for w in widths:
+        label = f"{names[w]} ({w})" if w in names else f"{w} (extra)"
+        ffn.add_column(label, justify="right")
+    rows = [[entry[str(w)]["median_ms"] for w in widths] for entry in table_info["per_layer"]]
+    for layer, row in enumerate(rows):
+        ffn.add_row(str(layer), *(f"{v:.4f}" for v in row))
+    means = [sum(col) / len(col) for col in zip(*rows)]
+    ffn.add_row("mean", *(f"{v:.4f}" for v in means), style="bold")
+    ffn.add_row("÷ widest", *(f"{v / means[-1]:.3f}" for v in means), style="dim")
+    out.print(ffn)
+
+    fixed = Table(title="Fixed costs (ms, isolated, median)")
+    fixed.add_column("component")
+    fixed.add_column("ms", justify="right")
+    costs = result["fixed_costs_ms"]
+    attention = sum(v["median_ms"] for k, v in costs.items() if k.startswith("attention."))
+    fixed.add_row("embedding", f"{costs['embedding']['median_ms']:.4f}")
+    fixed.add_row(f"attention + norm (x{config.n_layers} layers)", f"{attention:.4f}")
+    fixed.add_row("final norm + head", f"{costs['head']['median_ms']:.4f}")
+    out.print(fixed)
+
+    uniform = Table(title="Uniform models (calibration samples)")
+    for column in ("model", "params", "measured ms", "predicted ms", "error", "memory MB"):
+        uniform.add_column(column, justify="right")
+    samples = {tuple(s["widths"]): s for s in result["calibration"]["samples"]}
+    for name, g in zip(config.granularity_names, config.granularities):
+        sample = samples.get(tuple(config.uniform_widths(g)))
+        if sample is None:
+            continue
+        error = (sample["predicted_ms"] / sample["measured_ms"] - 1) * 100
+        memory = result["memory_uniform_bytes"][name]["total"] / 2**20
+        uniform.add_row(
+            name,
+            f"{param_count(config, config.uniform_widths(g)):,}",
+            f"{sample['measured_ms']:.3f}",
+            f"{sample['predicted_ms']:.3f}",
+            f"{error:+.2f} %",
+            f"{memory:.1f}",
+        )
+    out.print(uniform)
+
+    validation = result["validation"]
+    naive, noise = validation["naive"], validation["noise_floor"]
+    quality = Table(title=f"Held-out validation ({validation['n']} sliced models)")
+    for column in ("metric", "calibrated model", "naive table", "noise floor"):
+        quality.add_column(column, justify="right")
+    quality.add_row(
+        "MAPE", _pct(validation["mape_pct"]), _pct(naive["mape_pct"]), _pct(noise["mape_pct"])
+    )
+    quality.add_row(
+        "Spearman",
+        _num(validation["spearman"]),
+        _num(naive["spearman"]),
+        _num(noise["spearman"]),
+    )
+    quality.add_row(
+        "within ±10 %",
+        f"{validation['within_10pct']:.0%}",
+        f"{naive['within_10pct']:.0%}",
+        "",
+    )
+    quality.add_row(
+        "max error",
+        _pct(validation["max_abs_pct_err"]),
+        _pct(naive["max_abs_pct_err"]),
+        _pct(noise["max_abs_pct_err"]),
+    )
+    out.print(quality)

@@ -1,0 +1,349 @@
+"""`mnm search`: the Pareto front of quality vs cost, found with an Optuna study."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mnm_search.checkpoint import Checkpoint, load_checkpoint
+from mnm_search.cli._common import (
+    DEFAULT_EVAL_TOKENS,
+    CkptArg,
+    DataOpt,
+    JsonOpt,
+    err,
+    out,
+    print_json,
+    progress_bar,
+    user_errors,
+)
+from mnm_search.config import format_widths, parse_widths
+from mnm_search.data import load_eval_set
+from mnm_search.errors import ConfigError
+from mnm_search.pareto import parse_widths_column
+from mnm_search.space import SearchSpace
+from mnm_search.study import (
+    DEFAULT_SAMPLER,
+    OBJECTIVES,
+    SAMPLERS,
+    SearchProgress,
+    SearchSettings,
+    run_search,
+)
+
+PROFILE_FILE = "profile.json"
+
+
+def _objectives(spec: str) -> tuple[str, ...]:
+    names = tuple(item.strip().lower() for item in spec.split(",") if item.strip())
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        raise ConfigError(
+            f"unknown objective(s) in --objectives {spec!r}: {', '.join(unknown)}; "
+            f"choose from {', '.join(OBJECTIVES)}"
+        )
+    return names
+
+
+def _latency_model(
+    checkpoint: Checkpoint,
+    profile: Path | None,
+    target: Path | None,
+    results_dir: Path,
+    *,
+    quick_profile: bool,
+) -> Any:
+    """The latency model from --profile, or from profiling --target (kept for resuming)."""
+    from mnm_search.cli._profile import load_profile_for, resolve_target
+
+    if profile is not None:
+        return load_profile_for(checkpoint, profile)
+    saved = results_dir / PROFILE_FILE
+    if saved.is_file():  # a resumed search keeps the latencies it started with
+        err.print(f"using the latency profile measured for this study: {saved}")
+        return load_profile_for(checkpoint, saved)
+    from mnm_search.profiler import profile_checkpoint, write_profile
+
+    hardware = resolve_target(target)
+    err.print(
+        f"no --profile given: profiling on target {hardware.name} first "
+        f"({'quick' if quick_profile else 'full'}; pass --profile FILE.json to skip)"
+    )
+    with progress_bar() as progress:
+        task = progress.add_task("profiling", total=None, status="")
+
+        def on_progress(event: Any) -> None:
+            progress.update(
+                task, completed=event["done"], total=event["total"], status=event["stage"]
+            )
+
+        data = profile_checkpoint(
+            checkpoint, hardware, quick=quick_profile, on_progress=on_progress
+        )
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_profile(data, saved)
+    return load_profile_for(checkpoint, saved)
+
+
+@user_errors
+def search(
+    ckpt: CkptArg = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option("--profile", "-p", help="Latency profile JSON from `mnm profile`."),
+    ] = None,
+    target: Annotated[
+        Path | None,
+        typer.Option(
+            "--target",
+            "-t",
+            help="Hardware target YAML: profiled first when no --profile is given; also the "
+            "target of the memory objective.",
+        ),
+    ] = None,
+    trials: Annotated[
+        int, typer.Option("--trials", "-n", min=1, help="Total complete trials in the study.")
+    ] = 100,
+    study: Annotated[
+        str | None,
+        typer.Option("--study", help="Study name (default: CHECKPOINT-OBJECTIVES)."),
+    ] = None,
+    objectives: Annotated[
+        str,
+        typer.Option(
+            "--objectives",
+            help=f"Comma-separated, all minimised: {', '.join(OBJECTIVES)}.",
+        ),
+    ] = "loss,latency",
+    data: DataOpt = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, help="Evaluate on at most this many tokens.")
+    ] = DEFAULT_EVAL_TOKENS,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Shared study storage URL, e.g. postgresql://user:pw@host/db, so that several "
+            "`mnm search` processes or machines work on one study (default: a journal file "
+            "in the results directory).",
+        ),
+    ] = None,
+    sampler: Annotated[
+        str, typer.Option("--sampler", help=f"One of {', '.join(SAMPLERS)}.")
+    ] = DEFAULT_SAMPLER,
+    max_latency_ms: Annotated[
+        float | None, typer.Option("--max-latency-ms", help="Constraint: predicted latency.")
+    ] = None,
+    max_params: Annotated[
+        int | None, typer.Option("--max-params", help="Constraint: parameter count.")
+    ] = None,
+    max_memory: Annotated[
+        int | None, typer.Option("--max-memory", help="Constraint: memory in bytes.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Sampler seed (reproducible runs).")] = 0,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Results directory (default: results/STUDY)."),
+    ] = None,
+    allow_skip: Annotated[
+        bool, typer.Option("--allow-skip", help="Let layers skip their FFN (width 0).")
+    ] = False,
+    interpolate: Annotated[
+        int,
+        typer.Option(
+            "--interpolate", min=0, help="Extra widths between neighbouring granularities."
+        ),
+    ] = 0,
+    min_widths: Annotated[
+        str | None,
+        typer.Option("--min-widths", help="Per-layer lower bounds, widths syntax (S,S,M,...)."),
+    ] = None,
+    max_widths: Annotated[
+        str | None,
+        typer.Option("--max-widths", help="Per-layer upper bounds, widths syntax."),
+    ] = None,
+    cache_mb: Annotated[
+        float,
+        typer.Option("--cache-mb", min=0, help="Memory for cached hidden states (0 = off)."),
+    ] = 1024.0,
+    fidelity_tokens: Annotated[
+        int,
+        typer.Option(
+            "--fidelity-tokens",
+            min=0,
+            help="Screen each configuration on this many tokens first; only those that can "
+            "still reach the front get the full evaluation (0 = off).",
+        ),
+    ] = 0,
+    quick_profile: Annotated[
+        bool, typer.Option("--quick-profile", help="Quick profiling when --target profiles.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search Mix'n'Match configurations for the Pareto front of loss vs cost.
+
+    Re-running the same command resumes the study up to --trials; several processes with
+    the same --study and --storage share the work.
+
+    Example: mnm search --profile profile-cpu-prefill.json --trials 200
+    """
+    names = _objectives(objectives)
+    settings = SearchSettings(
+        n_trials=trials,
+        objectives=names,
+        sampler=sampler.strip().lower(),
+        seed=seed,
+        max_latency_ms=max_latency_ms,
+        max_params=max_params,
+        max_memory=max_memory,
+        cache_mb=cache_mb,
+        fidelity_tokens=fidelity_tokens,
+    )
+    checkpoint = load_checkpoint(ckpt)
+    config = checkpoint.config
+    space = SearchSpace.from_config(
+        config,
+        allow_skip=allow_skip,
+        interpolate=interpolate,
+        min_widths=parse_widths(min_widths, config) if min_widths else None,
+        max_widths=parse_widths(max_widths, config) if max_widths else None,
+    )
+    ckpt_name = checkpoint.path.name if checkpoint.path else "checkpoint"
+    study_name = study or f"{ckpt_name}-{'-'.join(names)}"
+    results_dir = out_dir if out_dir is not None else Path("results") / study_name
+    latency_model = None
+    if settings.needs_latency:
+        latency_model = _latency_model(
+            checkpoint, profile, target, results_dir, quick_profile=quick_profile
+        )
+    memory_target = None
+    if settings.needs_memory:
+        from mnm_search.cli._profile import resolve_target
+
+        memory_target = (
+            latency_model.target if latency_model is not None and target is None else None
+        ) or resolve_target(target)
+    eval_set = load_eval_set(data, seq_len=config.max_seq_len, max_tokens=max_tokens)
+    command = "mnm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["search"] else ""
+    run_info = {
+        "command": command,
+        "profile": str(profile)
+        if profile
+        else (str(results_dir / PROFILE_FILE) if latency_model is not None else None),
+        "memory_target": memory_target.to_dict() if memory_target is not None else None,
+        "data": str(data) if data else "bundled validation text",
+    }
+
+    with progress_bar(transient=False) as progress:
+        # The bar appears once the study is open, not above a set-up error.
+        tasks: list[Any] = []
+
+        def on_ready(n_complete: int) -> None:
+            tasks.append(progress.add_task("searching", total=settings.n_trials, status=""))
+            if n_complete:
+                progress.console.print(
+                    f"resuming study {study_name!r}: {n_complete} of {settings.n_trials} "
+                    f"trials complete"
+                )
+            progress.update(tasks[0], completed=n_complete)
+
+        def on_progress(event: SearchProgress) -> None:
+            parts = [f"{event.trials_per_s:.2f} trials/s"]
+            if event.best_loss is not None:
+                budget = " under the limits" if settings.constraints() else ""
+                parts.append(f"best loss{budget} {event.best_loss:.4f}")
+            if event.hypervolume is not None:
+                parts.append(f"HV {event.hypervolume:.4f}")
+            progress.update(
+                tasks[0], completed=event.n_complete, total=event.n_target, status="  ".join(parts)
+            )
+
+        try:
+            result = run_search(
+                checkpoint,
+                space,
+                settings,
+                eval_set,
+                study_name=study_name,
+                results_dir=results_dir,
+                storage=storage,
+                latency_model=latency_model,
+                memory_target=memory_target,
+                run_info=run_info,
+                on_progress=on_progress,
+                on_ready=on_ready,
+            )
+        except KeyboardInterrupt:
+            progress.stop()
+            err.print(
+                f"[yellow]Interrupted: finished trials are saved in {results_dir} (only the "
+                f"running one is lost). Re-run the same command to resume.[/]"
+            )
+            raise typer.Exit(code=130) from None
+
+    front = result.pareto
+    columns = [
+        c
+        for c in ("loss", "params", "latency_ms", "memory_bytes", "kl", "agreement")
+        if c in front.columns
+    ]
+    if as_json:
+        print_json(
+            {
+                "study": study_name,
+                "results_dir": str(results_dir),
+                "n_complete": result.run_info.get("n_complete"),
+                "n_new": result.n_new,
+                "seconds": round(result.seconds, 3),
+                "objectives": list(settings.objectives),
+                "pareto": [
+                    {
+                        "trial": int(row["trial"]),
+                        "widths": parse_widths_column(row["widths"]),
+                        **{c: _plain(row[c]) for c in columns},
+                    }
+                    for _, row in front.iterrows()
+                ],
+            }
+        )
+        return
+    table = Table(title=f"Pareto front of study {study_name} ({', '.join(settings.objectives)})")
+    for column in ("trial", "widths", *columns, "source"):
+        table.add_column(column, justify="right")
+    for _, row in front.iterrows():
+        widths = parse_widths_column(row["widths"])
+        cells = [str(row["trial"]), format_widths(widths, config)]
+        for column in columns:
+            cells.append(_cell(column, row[column]))
+        cells.append(str(row.get("source", "")))
+        table.add_row(*cells)
+    out.print(table)
+    out.print(
+        f"{result.run_info.get('n_complete')} trials complete ({result.n_new} new, "
+        f"{result.seconds:.1f} s) -> {results_dir}/trials.csv, pareto.csv, run.json"
+    )
+
+
+def _plain(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _cell(column: str, value: Any) -> str:
+    value = _plain(value)
+    if value is None:
+        return "-"
+    if column in ("params", "memory_bytes"):
+        return f"{int(value):,}"
+    if column == "latency_ms":
+        return f"{value:.3f}"
+    return f"{value:.4f}"

@@ -1,0 +1,780 @@
+"""The Optuna study behind `mnm search`: objectives, constraints, samplers, seeding, resume.
+
+One trial = one configuration (one categorical width per layer). Every trial stores all the
+metrics it computed as user attrs, so tables do not depend on the objective order. A study
+remembers what it was set up with (checkpoint fingerprint, space, objectives, constraints,
+eval data, latency model) and refuses to continue under a different set-up.
+
+Several processes may share a study (a journal file on one machine, PostgreSQL across
+machines): each claims a trial before evaluating it, so the requested total of complete
+trials is exact, and trials of workers that died are failed so that a re-run fills the gap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import pandas as pd
+from optuna.distributions import CategoricalDistribution
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from mnm_search.checkpoint import Checkpoint
+from mnm_search.config import param_count
+from mnm_search.data import EvalSet
+from mnm_search.errors import ConfigError, SearchError
+from mnm_search.evaluator import CachedEvaluator, eval_subset
+from mnm_search.pareto import format_widths_column, hypervolume, pareto_front, write_results
+from mnm_search.space import SearchSpace, param_name
+
+if TYPE_CHECKING:
+    from mnm_search.latency import LatencyModel
+    from mnm_search.targets import HardwareTarget
+
+# objective name -> result column (every objective is minimised)
+OBJECTIVES = {
+    "loss": "loss",
+    "latency": "latency_ms",
+    "params": "params",
+    "memory": "memory_bytes",
+    "kl": "kl",
+    "disagreement": "disagreement",
+}
+SAMPLERS = ("nsga2", "tpe", "gp", "random", "exhaustive")
+DEFAULT_SAMPLER = "tpe"
+JOURNAL_FILE = "study.journal"
+_SETUP_ATTR = "mnm_setup"
+# Every metric of a trial goes into one user attr: each storage write costs an fsync.
+_METRICS_ATTR = "metrics"
+_STALE_WITHOUT_OWNER = timedelta(minutes=2)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What a search optimises and how. Validated on construction."""
+
+    n_trials: int = 100
+    objectives: tuple[str, ...] = ("loss", "latency")
+    sampler: str = DEFAULT_SAMPLER
+    seed: int = 0
+    max_latency_ms: float | None = None
+    max_params: int | None = None
+    max_memory: int | None = None
+    batch_size: int = 16
+    cache_mb: float = 1024.0
+    fidelity_tokens: int = 0  # > 0: screen each config on this many tokens first
+    seed_configs: bool = True  # enqueue the uniform and minimum-slope configurations
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_trials, int) or self.n_trials <= 0:
+            raise ConfigError(f"n_trials must be a positive integer, got {self.n_trials!r}")
+        objectives = tuple(self.objectives)
+        object.__setattr__(self, "objectives", objectives)
+        unknown = [o for o in objectives if o not in OBJECTIVES]
+        if unknown:
+            raise ConfigError(
+                f"unknown objective(s) {', '.join(map(repr, unknown))}; "
+                f"choose from {', '.join(OBJECTIVES)}"
+            )
+        if len(objectives) < 2 or len(set(objectives)) != len(objectives):
+            raise ConfigError(
+                f"objectives must name at least two different objectives, e.g. loss,latency; "
+                f"got {','.join(objectives)}"
+            )
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(
+                f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}"
+            )
+        for name in ("max_latency_ms", "max_params", "max_memory"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value!r}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        if self.cache_mb < 0:
+            raise ConfigError(f"cache_mb must be >= 0, got {self.cache_mb}")
+        if self.fidelity_tokens < 0:
+            raise ConfigError(f"fidelity_tokens must be >= 0, got {self.fidelity_tokens}")
+        if self.fidelity_tokens and ({"kl", "disagreement"} & set(objectives)):
+            raise ConfigError(
+                "fidelity_tokens (multi-fidelity screening) works with loss plus cost "
+                "objectives only, not with kl/disagreement"
+            )
+
+    @property
+    def needs_latency(self) -> bool:
+        return "latency" in self.objectives or self.max_latency_ms is not None
+
+    @property
+    def needs_memory(self) -> bool:
+        return "memory" in self.objectives or self.max_memory is not None
+
+    @property
+    def needs_agreement(self) -> bool:
+        return bool({"kl", "disagreement"} & set(self.objectives))
+
+    @property
+    def columns(self) -> list[str]:
+        return [OBJECTIVES[o] for o in self.objectives]
+
+    def constraints(self) -> dict[str, float]:
+        """Result column -> upper bound, for the constraints that are set."""
+        limits = {
+            "latency_ms": self.max_latency_ms,
+            "params": self.max_params,
+            "memory_bytes": self.max_memory,
+        }
+        return {column: float(v) for column, v in limits.items() if v is not None}
+
+
+@dataclass
+class SearchProgress:
+    """Reported after every trial this process finishes."""
+
+    n_complete: int
+    n_target: int
+    n_new: int  # trials finished by this process
+    trials_per_s: float
+    best_loss: float | None  # best feasible loss so far
+    hypervolume: float | None  # of the feasible front, objectives scaled to the ranges seen
+
+
+@dataclass
+class SearchResult:
+    trials: pd.DataFrame
+    pareto: pd.DataFrame
+    run_info: dict[str, Any]
+    results_dir: Path
+    n_new: int
+    seconds: float
+    cache_stats: dict[str, int] = field(default_factory=dict)
+
+
+class CostModel:
+    """The cheap, exact metrics of a configuration: params, predicted latency, memory."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        latency_model: LatencyModel | None = None,
+        memory_target: HardwareTarget | None = None,
+    ) -> None:
+        self.config = checkpoint.config
+        self.latency_model = latency_model
+        self.memory_target = memory_target
+
+    def __call__(self, widths: Sequence[int]) -> dict[str, float]:
+        metrics: dict[str, float] = {"params": float(param_count(self.config, widths))}
+        if self.latency_model is not None:
+            metrics["latency_ms"] = float(self.latency_model.predict_ms(widths))
+        if self.memory_target is not None:
+            from mnm_search.memory import memory_bytes
+
+            metrics["memory_bytes"] = float(
+                memory_bytes(self.config, widths, self.memory_target).total
+            )
+        return metrics
+
+
+def check_feasible(space: SearchSpace, costs: CostModel, limits: dict[str, float]) -> None:
+    """Raise SearchError, naming the nearest feasible values, if no config meets `limits`."""
+    if not limits:
+        return
+    # Small spaces are checked exactly (jointly); big ones at the smallest configuration,
+    # where every cost that grows with width is lowest.
+    configs = space.all_configs() if space.size <= 100_000 else iter([space.smallest()])
+    best = {column: math.inf for column in limits}
+    for widths in configs:
+        metrics = costs(widths)
+        if all(metrics[c] <= limit for c, limit in limits.items()):
+            return
+        for column in limits:
+            best[column] = min(best[column], metrics[column])
+    names = {
+        "latency_ms": "--max-latency-ms",
+        "params": "--max-params",
+        "memory_bytes": "--max-memory",
+    }
+    parts = []
+    for column, limit in limits.items():
+        if best[column] > limit:
+            parts.append(
+                f"{names[column]} {limit:g}: the lowest reachable {column} is {best[column]:g}"
+            )
+    detail = "; ".join(parts) if parts else "each limit is reachable alone, but not together"
+    raise SearchError(
+        f"no configuration in the search space meets the constraints ({detail}). "
+        f"Relax the limit(s) or widen the space (--allow-skip, --min-widths/--max-widths)"
+    )
+
+
+# -- storage and study set-up ----------------------------------------------------------------
+
+
+def open_storage(storage: str | None, results_dir: Path) -> BaseStorage:
+    """None: a journal file in `results_dir`; a URL (postgresql://, sqlite:///...): RDB."""
+    if storage is None:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(results_dir / JOURNAL_FILE)))
+    if "://" not in storage:
+        raise SearchError(
+            f"storage {storage!r} is not a database URL; use e.g. "
+            f"postgresql://user:pass@host/db, or leave --storage out for a file under the "
+            f"results directory"
+        )
+    url = _with_driver(storage)
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgres"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" but long stable
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                # Heartbeats let workers on other machines fail the trials of a dead worker.
+                return RDBStorage(
+                    url, heartbeat_interval=10, grace_period=60, engine_kwargs=engine_kwargs
+                )
+        except Exception as exc:  # sqlalchemy/driver errors have no common public base
+            # Workers starting together on a fresh database race to create its tables.
+            if "already exists" in str(exc) or "duplicate key" in str(exc):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise SearchError(f"cannot open storage {_redact(storage)}: {message}") from None
+    raise SearchError(f"cannot open storage {_redact(storage)}: table creation kept failing")
+
+
+def _with_driver(url: str) -> str:
+    """SQLAlchemy 2.1 maps postgresql:// to psycopg 3; use psycopg2 where only it is installed."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            raise SearchError(
+                "PostgreSQL storage needs a driver: pip install 'mnm-search[postgres]'"
+            ) from None
+        return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+def eval_fingerprint(eval_set: EvalSet) -> str:
+    digest = hashlib.sha256()
+    digest.update(str(tuple(eval_set.inputs.shape)).encode())
+    digest.update(eval_set.inputs.numpy().tobytes())
+    digest.update(eval_set.targets.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def study_setup(
+    checkpoint: Checkpoint,
+    space: SearchSpace,
+    settings: SearchSettings,
+    eval_set: EvalSet,
+    costs: CostModel,
+) -> dict[str, Any]:
+    """Everything that must stay the same for the trials of one study to be comparable."""
+    latency = None
+    if costs.latency_model is not None:
+        blob = json.dumps(costs.latency_model.to_dict(), sort_keys=True, default=str)
+        latency = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    memory = costs.memory_target.to_dict() if costs.memory_target is not None else None
+    return {
+        "fingerprint": checkpoint.fingerprint,
+        "space": space.to_dict(),
+        "objectives": list(settings.objectives),
+        "constraints": settings.constraints(),
+        "eval_data": eval_fingerprint(eval_set),
+        "latency_model": latency,
+        "memory_target": memory,
+        "fidelity_tokens": settings.fidelity_tokens,
+    }
+
+
+_SETUP_NAMES = {
+    "fingerprint": "checkpoint",
+    "space": "search space",
+    "objectives": "objectives",
+    "constraints": "constraints",
+    "eval_data": "evaluation data",
+    "latency_model": "latency profile",
+    "memory_target": "memory target",
+    "fidelity_tokens": "multi-fidelity setting",
+}
+
+
+def _check_setup(study_name: str, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+    stored = json.loads(json.dumps(stored))
+    wanted = json.loads(json.dumps(wanted))
+    for key, label in _SETUP_NAMES.items():
+        if stored.get(key) != wanted.get(key):
+            raise SearchError(
+                f"study {study_name!r} was created with another {label} "
+                f"({_short(stored.get(key))} there, {_short(wanted.get(key))} now); its trials "
+                f"are not comparable. Use another --study name (or --out directory) for this "
+                f"search; nothing was changed"
+            )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def make_sampler(name: str, *, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, n_startup_trials=10, n_ei_candidates=48
+        )
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "exhaustive":
+        with warnings.catch_warnings():  # experimental since v3.1 but stable in use
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.BruteForceSampler(seed=seed)
+    raise ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child that nobody reaped yet is a zombie: dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials whose worker process on this host is gone; return their numbers."""
+    host = socket.gethostname()
+    now = datetime.now()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get("worker")
+        dead = False
+        if owner is None:
+            started = trial.datetime_start
+            if started is not None:
+                current = now if started.tzinfo is None else datetime.now(started.tzinfo)
+                dead = current - started > _STALE_WITHOUT_OWNER
+        else:
+            owner_host, _, pid = str(owner).rpartition(":")
+            dead = owner_host == host and pid.isdigit() and not _pid_alive(int(pid))
+        if dead:
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+                failed.append(trial.number)
+            except (RuntimeError, ValueError):
+                pass  # another worker got there first
+    return failed
+
+
+def open_study(
+    study_name: str,
+    storage: BaseStorage,
+    setup: dict[str, Any],
+    settings: SearchSettings,
+) -> tuple[optuna.Study, bool]:
+    """Create the study or load it after checking its set-up; (study, created_here)."""
+    directions = ["minimize"] * len(settings.objectives)
+    # Look first: a failed create would still append to a journal file.
+    if study_name not in {s.study_name for s in storage.get_all_studies()}:
+        try:
+            study = optuna.create_study(
+                study_name=study_name, storage=storage, directions=directions
+            )
+            study.set_user_attr(_SETUP_ATTR, setup)
+            return study, True
+        except optuna.exceptions.DuplicatedStudyError:
+            pass  # another worker created it a moment ago
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    # A worker that created the study a moment ago may not have stored its set-up yet.
+    deadline = time.monotonic() + 30
+    while _SETUP_ATTR not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stored = study.user_attrs.get(_SETUP_ATTR)
+    if stored is None:
+        raise SearchError(
+            f"study {study_name!r} exists in this storage but was not created by mnm search; "
+            f"use another --study name"
+        )
+    _check_setup(study_name, stored, setup)
+    return study, False
+
+
+def seed_configs(
+    space: SearchSpace, checkpoint: Checkpoint, costs: CostModel, limits: dict[str, float]
+) -> list[tuple[str, list[int]]]:
+    """(label, widths) of the uniform and minimum-slope configs that meet the cost limits."""
+    seeds = [(f"uniform {n}", w) for n, w in space.uniform_configs(checkpoint.config).items()]
+    seeds += [("min-slope", w) for w in space.min_slope_configs()]
+    feasible = []
+    for label, widths in seeds:
+        metrics = costs(widths)
+        if all(metrics[c] <= limit for c, limit in limits.items()):
+            feasible.append((label, widths))
+    return feasible
+
+
+# -- results ----------------------------------------------------------------------------------
+
+_METRIC_COLUMNS = (
+    "loss",
+    "params",
+    "latency_ms",
+    "memory_bytes",
+    "kl",
+    "agreement",
+    "disagreement",
+)
+
+
+def _metrics(trial: FrozenTrial) -> dict[str, Any]:
+    return trial.user_attrs.get(_METRICS_ATTR, {})
+
+
+def trials_frame(trials: Sequence[FrozenTrial], space: SearchSpace) -> pd.DataFrame:
+    """One row per trial (surplus claims left out), DESIGN §3 columns first."""
+    rows = []
+    for trial in trials:
+        attrs = trial.user_attrs
+        metrics = attrs.get(_METRICS_ATTR, {})
+        # Surplus claims are not part of the study's result; a trial another worker is
+        # still sampling has only some of its params yet.
+        if attrs.get("surplus") or len(trial.params) != space.n_layers:
+            continue
+        row: dict[str, Any] = {
+            "trial": trial.number,
+            "widths": format_widths_column(space.from_params(trial.params)),
+        }
+        for column in _METRIC_COLUMNS:
+            row[column] = metrics.get(column)
+        row["state"] = trial.state.name
+        row["feasible"] = bool(all(v <= 0 for v in trial.constraints.values()))
+        row["fidelity"] = metrics.get("fidelity")
+        row["source"] = attrs.get("seed", "sampler")
+        row["worker"] = attrs.get("worker")
+        duration = trial.duration
+        row["seconds"] = round(duration.total_seconds(), 4) if duration is not None else None
+        rows.append(row)
+    columns = ["trial", "widths", *_METRIC_COLUMNS, "state", "feasible", "fidelity", "source"]
+    columns += ["worker", "seconds"]
+    frame = pd.DataFrame(rows, columns=columns)
+    # Drop metric columns this search never computed (e.g. latency without a profile).
+    empty = [c for c in _METRIC_COLUMNS if c != "loss" and frame[c].isna().all()]
+    frame = frame.drop(columns=empty)
+    params = frame["params"]
+    frame["params"] = params.astype("Int64") if not params.isna().all() else params
+    if "memory_bytes" in frame.columns:
+        frame["memory_bytes"] = frame["memory_bytes"].astype("Int64")
+    return frame.sort_values("trial").reset_index(drop=True)
+
+
+def _front_hypervolume(frame: pd.DataFrame, columns: list[str]) -> float | None:
+    usable = frame[(frame["state"] == "COMPLETE") & frame["feasible"]].dropna(subset=columns)
+    if usable.empty:
+        return None
+    values = usable[columns].astype(float)
+    return hypervolume(usable, columns, ideal=values.min().tolist(), nadir=values.max().tolist())
+
+
+# -- the search -------------------------------------------------------------------------------
+
+
+def run_search(
+    checkpoint: Checkpoint,
+    space: SearchSpace,
+    settings: SearchSettings,
+    eval_set: EvalSet,
+    *,
+    study_name: str,
+    results_dir: str | Path,
+    storage: str | None = None,
+    latency_model: LatencyModel | None = None,
+    memory_target: HardwareTarget | None = None,
+    run_info: dict[str, Any] | None = None,
+    on_progress: Callable[[SearchProgress], None] | None = None,
+    on_ready: Callable[[int], None] | None = None,
+) -> SearchResult:
+    """Run (or resume) a study until it holds `settings.n_trials` complete trials.
+
+    Writes trials.csv, pareto.csv and run.json to `results_dir` (also when interrupted).
+    `on_ready(n_complete)` is called once the study is open, before the first trial.
+    """
+    results_dir = Path(results_dir)
+    if settings.needs_latency and latency_model is None:
+        raise SearchError(
+            "the latency objective/constraint needs a latency profile: pass --profile FILE.json "
+            "or --target profiles/NAME.yaml (or use --objectives loss,params)"
+        )
+    if settings.needs_memory and memory_target is None:
+        raise SearchError("the memory objective/constraint needs a hardware target")
+    if latency_model is not None and latency_model.fingerprint != checkpoint.fingerprint:
+        raise SearchError(
+            f"the latency profile belongs to checkpoint {latency_model.fingerprint}, not to "
+            f"{checkpoint.fingerprint}; profile this checkpoint with `mnm profile`"
+        )
+    costs = CostModel(checkpoint, latency_model=latency_model, memory_target=memory_target)
+    limits = settings.constraints()
+    check_feasible(space, costs, limits)
+    setup = study_setup(checkpoint, space, settings, eval_set, costs)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage_obj = open_storage(storage, results_dir)
+    study, created = open_study(study_name, storage_obj, setup, settings)
+    fail_dead_trials(study)
+    n_target = settings.n_trials
+    if settings.sampler == "exhaustive":
+        n_target = min(n_target, space.size)
+    if created and settings.seed_configs:
+        for label, widths in seed_configs(space, checkpoint, costs, limits):
+            study.enqueue_trial(space.to_params(widths), user_attrs={"seed": label})
+    # The creating worker uses the seed as given (reproducible runs); others joining or
+    # resuming get their own stream so they do not propose the same configurations.
+    sampler_seed = settings.seed if created else (settings.seed * 1_000_003 + os.getpid())
+    study.sampler = make_sampler(
+        settings.sampler, seed=sampler_seed % 2**32, n_objectives=len(settings.objectives)
+    )
+
+    distributions = {
+        param_name(layer): CategoricalDistribution(list(options))
+        for layer, options in enumerate(space.choices)
+    }
+    evaluator = CachedEvaluator(
+        checkpoint.model,
+        eval_set,
+        batch_size=settings.batch_size,
+        cache_mb=settings.cache_mb,
+        layer_widths=space.choices,
+        agreement=settings.needs_agreement,
+    )
+    screener = (
+        CachedEvaluator(
+            checkpoint.model,
+            eval_subset(eval_set, settings.fidelity_tokens),
+            batch_size=settings.batch_size,
+            cache_mb=settings.cache_mb / 4,
+            layer_widths=space.choices,
+        )
+        if settings.fidelity_tokens
+        else None
+    )
+    fidelity_gaps: list[float] = []  # full - subset loss of fully evaluated configs
+    worker = _worker_id()
+    started = time.monotonic()
+    n_new = 0
+    last_write = time.monotonic()
+    last_progress = 0.0
+    info = dict(run_info or {})
+    info.update(
+        {
+            "study": study_name,
+            "storage": _redact(storage) if storage else str(results_dir / JOURNAL_FILE),
+            "sampler": settings.sampler,
+            "seed": settings.seed,
+            "n_trials": settings.n_trials,
+            "objectives": list(settings.objectives),
+            "objective_columns": settings.columns,
+            "constraints": limits,
+            "fingerprint": checkpoint.fingerprint,
+            "checkpoint": str(checkpoint.path) if checkpoint.path else None,
+            "space": space.to_dict(),
+            "space_size": space.size,
+            "eval_tokens": eval_set.n_tokens,
+            "eval_data_fingerprint": setup["eval_data"],
+            "fidelity_tokens": settings.fidelity_tokens,
+            "versions": {"optuna": optuna.__version__, "torch": _torch_version()},
+        }
+    )
+
+    def complete_count() -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def known_values(params: dict[str, Any]) -> dict[str, Any] | None:
+        for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if other.params == params and _metrics(other).get("fidelity") == "full":
+                return dict(_metrics(other), trial=other.number)
+        return None
+
+    def can_reach_front(metrics: dict[str, float], loss_low: float) -> bool:
+        if len(fidelity_gaps) < 5:
+            return True
+        mean = sum(fidelity_gaps) / len(fidelity_gaps)
+        spread = (sum((g - mean) ** 2 for g in fidelity_gaps) / len(fidelity_gaps)) ** 0.5
+        optimistic = {**metrics, "loss": loss_low + mean - 3 * spread - 1e-3}
+        columns = settings.columns
+        for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            attrs = _metrics(other)
+            if attrs.get("fidelity") != "full" or any(v > 0 for v in other.constraints.values()):
+                continue
+            if all(attrs[c] <= optimistic[c] for c in columns) and any(
+                attrs[c] < optimistic[c] for c in columns
+            ):
+                return False
+        return True
+
+    def objective(trial: optuna.Trial) -> tuple[float, ...]:
+        trial.set_user_attr("worker", worker)
+        # Claim: the trials numbered before this one that are done or running. If they
+        # already make up the total, this one is surplus (several workers raced for it).
+        ahead = [
+            t
+            for t in study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
+            )
+            if t.number < trial.number and not t.user_attrs.get("surplus")
+        ]
+        if len(ahead) >= n_target:
+            trial.set_user_attr("surplus", True)
+            study.stop()
+            raise optuna.TrialPruned("surplus trial: the study already has its total")
+        params = {
+            name: trial.suggest_categorical(name, dist.choices)
+            for name, dist in distributions.items()
+        }
+        widths = space.from_params(params)
+        metrics: dict[str, Any] = costs(widths)
+        for column, limit in limits.items():
+            trial.set_constraint(column, metrics[column] - limit)
+        known = known_values(trial.params)
+        if known is not None:  # the sampler proposed a configuration already evaluated
+            metrics.update({c: known.get(c) for c in ("loss", "kl", "agreement", "disagreement")})
+            metrics["fidelity"] = "full"
+            metrics["duplicate_of"] = known.get("trial")
+        else:
+            full = True
+            if screener is not None:
+                loss_low = screener.evaluate(widths).loss
+                if not can_reach_front(metrics, loss_low):
+                    mean = sum(fidelity_gaps) / len(fidelity_gaps)
+                    metrics["loss"] = loss_low + mean  # predicted; dominated either way
+                    metrics["fidelity"] = "subset"
+                    full = False
+            if full:
+                quality = evaluator.evaluate(widths)
+                metrics["loss"] = quality.loss
+                metrics["fidelity"] = "full"
+                if quality.agreement is not None:
+                    metrics["kl"] = quality.kl
+                    metrics["agreement"] = quality.agreement
+                    metrics["disagreement"] = 1.0 - quality.agreement
+                if screener is not None:
+                    fidelity_gaps.append(quality.loss - loss_low)
+        trial.set_user_attr(_METRICS_ATTR, metrics)
+        return tuple(float(metrics[c]) for c in settings.columns)
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        nonlocal n_new, last_write, last_progress
+        if trial.state == TrialState.COMPLETE:
+            n_new += 1
+        n_complete = complete_count()
+        if n_complete >= n_target:
+            study.stop()
+        now = time.monotonic()
+        # Tables and progress cost O(trials) each: refresh them at most once a second.
+        show = on_progress is not None and (now - last_progress > 1 or n_complete >= n_target)
+        if show or now - last_write > 30:
+            frame = trials_frame(study.get_trials(deepcopy=False), space)
+            if now - last_write > 30:
+                _write(frame)
+                last_write = now
+            if show:
+                last_progress = now
+                feasible = frame[(frame["state"] == "COMPLETE") & frame["feasible"]]
+                on_progress(
+                    SearchProgress(
+                        n_complete=n_complete,
+                        n_target=n_target,
+                        n_new=n_new,
+                        trials_per_s=n_new / max(now - started, 1e-9),
+                        best_loss=float(feasible["loss"].min()) if not feasible.empty else None,
+                        hypervolume=_front_hypervolume(frame, settings.columns),
+                    )
+                )
+
+    def _write(frame: pd.DataFrame) -> pd.DataFrame:
+        info["n_complete"] = int((frame["state"] == "COMPLETE").sum()) if not frame.empty else 0
+        info["seed_trials"] = {
+            str(row.trial): row.source for row in frame.itertuples() if row.source != "sampler"
+        }
+        return write_results(results_dir, frame, settings.columns, info)
+
+    if on_ready is not None:
+        on_ready(complete_count())
+    try:
+        if complete_count() < n_target:
+            study.optimize(
+                objective,
+                callbacks=[after_trial],
+                catch=(),
+                gc_after_trial=False,
+                show_progress_bar=False,
+            )
+    finally:
+        frame = trials_frame(study.get_trials(deepcopy=False), space)
+        front = _write(frame)
+    stats = evaluator.stats
+    return SearchResult(
+        trials=frame,
+        pareto=front,
+        run_info=info,
+        results_dir=results_dir,
+        n_new=n_new,
+        seconds=time.monotonic() - started,
+        cache_stats={
+            "evaluations": stats.evaluations,
+            "prefix_hits": stats.prefix_hits,
+            "layer_runs": stats.layer_runs,
+            "evictions": stats.evictions,
+        },
+    )
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def frame_front(frame: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFrame:
+    """Pareto front of a trials frame for objective names (e.g. ("loss", "latency"))."""
+    return pareto_front(frame, [OBJECTIVES[o] for o in objectives])

@@ -1,0 +1,72 @@
+"""`mnm demo --quick` end to end, made cheap: a tiny default checkpoint and a light target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from mnm_search.checkpoint import load_checkpoint
+from mnm_search.cli import _demo, app
+from mnm_search.targets import HardwareTarget
+
+LIGHT = HardwareTarget(
+    name="tiny-prefill", seq_len=8, repeats=3, warmup=0, calibration=4, validation=3
+)
+
+
+@pytest.fixture
+def tiny_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mnm_search.checkpoint.default_checkpoint_path", lambda: tiny_checkpoint)
+    monkeypatch.setattr(_demo, "default_measurement_target", lambda checkpoint: LIGHT)
+    monkeypatch.setattr(
+        _demo, "QUICK", _demo.DemoPlan(quick_profile=True, trials=8, eval_tokens=256)
+    )
+    return tiny_checkpoint
+
+
+def test_demo_quick_runs_the_whole_pipeline(tmp_path: Path, tiny_default: Path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--quick"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    demo = tmp_path / "results" / "demo"
+    for name in (
+        "profile.json",
+        "trials.csv",
+        "pareto.csv",
+        "run.json",
+        "pareto.png",
+        "heatmap.png",
+    ):
+        assert (demo / name).is_file(), name
+    trials = pd.read_csv(demo / "trials.csv")
+    assert (trials["state"] == "COMPLETE").sum() == 8
+    summary = json.loads((demo / "demo.json").read_text())
+    assert summary["status"] == "done" and summary["quick"] is True
+    export = summary["export"]
+    assert export["trial"] in set(pd.read_csv(demo / "pareto.csv")["trial"])
+    # the best front member within the budget (or the fastest one when none fits)
+    front = pd.read_csv(demo / "pareto.csv")
+    within = front[front["latency_ms"] <= summary["budget_ms"]]
+    expected = within.nsmallest(1, "loss") if not within.empty else front.nsmallest(1, "latency_ms")
+    assert export["trial"] == int(expected["trial"].iloc[0])
+    exported = load_checkpoint(demo / "export")
+    assert list(exported.config.ffn_widths) == export["widths"]
+    assert exported.metadata["source_fingerprint"] == load_checkpoint(tiny_default).fingerprint
+    assert export["logits_max_abs_diff"] <= 1e-5 and export["measured_ms"] > 0
+    for text in ("results/demo/pareto.png", "results/demo/export", "[5/5] done"):
+        assert text in result.output
+
+
+def test_demo_refuses_a_directory_it_did_not_write(tmp_path: Path, tiny_default: Path) -> None:
+    (tmp_path / "results" / "demo").mkdir(parents=True)
+    (tmp_path / "results" / "demo" / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["demo", "--quick"])
+    assert result.exit_code == 1
+    assert "was not written by `mnm demo`" in result.output
+    assert "Traceback" not in result.output
+    assert (tmp_path / "results" / "demo" / "notes.txt").read_text() == "mine"

@@ -1,0 +1,289 @@
+"""Timing machinery and `profile_checkpoint` on tiny models (structure and behaviour, not speed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mnm_search import profiler
+from mnm_search.checkpoint import Checkpoint, fingerprint
+from mnm_search.config import ModelConfig
+from mnm_search.errors import ConfigError, DeviceError, ProfileError
+from mnm_search.latency import LatencyModel
+from mnm_search.model import MatLM
+from mnm_search.profiler import (
+    Clock,
+    TimingStats,
+    make_runner,
+    measure_latency_ms,
+    pinned_threads,
+    profile_checkpoint,
+    sample_configs,
+    select_device,
+    time_interleaved,
+    write_profile,
+)
+from mnm_search.slicing import slice_model
+from mnm_search.targets import HardwareTarget
+
+TINY_PREFILL = HardwareTarget(
+    name="tiny-prefill",
+    phase="prefill",
+    seq_len=8,
+    repeats=3,
+    warmup=1,
+    calibration=6,
+    validation=3,
+)
+TINY_DECODE = HardwareTarget(
+    name="tiny-decode",
+    phase="decode",
+    context_len=12,
+    repeats=3,
+    warmup=1,
+    calibration=6,
+    validation=3,
+)
+
+
+def _checkpoint(model: MatLM) -> Checkpoint:
+    return Checkpoint(model=model, config=model.config, fingerprint=fingerprint(model))
+
+
+def test_timing_stats_are_robust() -> None:
+    stats = TimingStats.from_samples([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert stats.median_ms == 3.0  # one outlier does not move the median
+    assert stats.n == 5
+    assert stats.p10_ms <= stats.median_ms <= stats.p90_ms < 100.0
+    assert set(stats.to_dict()) == {"median_ms", "p10_ms", "p90_ms", "n"}
+
+
+def test_select_device_cpu() -> None:
+    assert select_device("cpu") == torch.device("cpu")
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="asks for device 'cuda:0', but CUDA is not available"):
+        select_device("cuda:0")
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cuda", "cuda:0"), ("cuda:1", "cuda:1")])
+def test_cuda_device_selection(monkeypatch: pytest.MonkeyPatch, device: str, expected: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert select_device(device) == torch.device(expected)
+
+
+def test_cuda_index_beyond_the_devices_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match=r"has 1 CUDA device\(s\)"):
+        select_device("cuda:3")
+
+
+def test_cuda_clock_uses_events_between_synchronisations(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.name = "start" if not any(c.startswith("new") for c in calls) else "end"
+            calls.append(f"new {self.name}")
+
+        def record(self) -> None:
+            calls.append(f"record {self.name}")
+
+        def elapsed_time(self, other: FakeEvent) -> float:
+            calls.append("elapsed")
+            return 1.25
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    ms = Clock(torch.device("cuda", 0)).time_ms(lambda: calls.append("run"))
+    assert ms == 1.25
+    assert calls == [
+        "new start",
+        "new end",
+        "sync",
+        "record start",
+        "run",
+        "record end",
+        "sync",
+        "elapsed",
+    ]
+
+
+def test_cpu_clock_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("CUDA used on CPU")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", boom)
+    monkeypatch.setattr(torch.cuda, "Event", boom)
+    clock = Clock(torch.device("cpu"))
+    clock.synchronize()
+    assert clock.time_ms(lambda: None) >= 0.0
+
+
+def test_repeats_are_interleaved_with_warmup_first() -> None:
+    log: list[str] = []
+    fns = [lambda name=name: log.append(name) for name in "abc"]
+    stats = time_interleaved(fns, device=torch.device("cpu"), repeats=6, warmup=2, seed=3)
+    assert [s.n for s in stats] == [6, 6, 6]
+    assert log[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up
+    timed = log[6:]
+    assert len(timed) == 6 * 3 * 2  # each sample: one untimed re-warm call + the timed call
+    rounds = [timed[i : i + 6] for i in range(0, len(timed), 6)]
+    for calls in rounds:  # every configuration appears in every round, in pairs
+        assert sorted(calls) == ["a", "a", "b", "b", "c", "c"]
+        assert calls[0::2] == calls[1::2]
+    assert len({tuple(r[0::2]) for r in rounds}) > 1  # the order is shuffled between rounds
+
+
+def test_pinned_threads_sets_and_restores() -> None:
+    torch.set_num_threads(2)
+    with pinned_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pinned_threads(None):
+        assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+
+
+@torch.inference_mode()
+def test_decode_runner_computes_the_next_token_logits(tiny_model: MatLM) -> None:
+    widths = [8, 64, 16]
+    runner = make_runner(tiny_model, TINY_DECODE, torch.device("cpu"), widths)
+    first, second = runner(), runner()  # every call repeats the same decode step
+    torch.testing.assert_close(first, second)
+    context = profiler._token_ids(tiny_model.config, 1, 12, torch.device("cpu"))
+    new = profiler._token_ids(tiny_model.config, 1, 1, torch.device("cpu"))
+    full = tiny_model(torch.cat([context, new], dim=1), widths)
+    torch.testing.assert_close(first, full[:, -1:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", [TINY_PREFILL, TINY_DECODE], ids=["prefill", "decode"])
+def test_measure_latency(tiny_model: MatLM, target: HardwareTarget) -> None:
+    stats = measure_latency_ms(slice_model(tiny_model, [8, 16, 0]), target)
+    assert stats.n == target.repeats
+    assert 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
+
+
+def test_measure_latency_in_bfloat16_keeps_the_model(tiny_model: MatLM) -> None:
+    target = HardwareTarget(name="bf16", seq_len=4, repeats=3, warmup=0, dtype="bfloat16")
+    measure_latency_ms(tiny_model, target, [8, 8, 8])
+    assert next(tiny_model.parameters()).dtype == torch.float32  # measured on a copy
+
+
+def test_target_longer_than_the_context_is_refused(tiny_model: MatLM) -> None:
+    target = HardwareTarget(name="long", phase="decode", context_len=40, repeats=3)
+    with pytest.raises(ConfigError, match=r"context_len 40 \+ seq_len 1.*max_seq_len=32"):
+        measure_latency_ms(tiny_model, target)
+
+
+def test_sampled_configs_are_distinct_valid_and_spread(tiny_config: ModelConfig) -> None:
+    uniform = [[g] * 3 for g in tiny_config.granularities]
+    configs = sample_configs(tiny_config, 30, random.Random(0), exclude=uniform)
+    assert len({tuple(c) for c in configs}) == 30
+    assert not {tuple(c) for c in configs} & {tuple(u) for u in uniform}
+    assert all(w in (0, 8, 16, 32, 64) for c in configs for w in c)
+    totals = [sum(c) for c in configs]
+    assert min(totals) <= 48 and max(totals) >= 150  # small and large models both sampled
+
+
+@pytest.mark.parametrize("target", [TINY_PREFILL, TINY_DECODE], ids=["prefill", "decode"])
+def test_profile_has_every_part(tiny_model: MatLM, target: HardwareTarget) -> None:
+    events: list[dict[str, Any]] = []
+    profile = profile_checkpoint(_checkpoint(tiny_model), target, on_progress=events.append)
+    json.dumps(profile, allow_nan=False)  # strict JSON
+    assert profile["target"] == target.to_dict()
+    assert profile["checkpoint"]["fingerprint"] == fingerprint(tiny_model)
+    assert profile["device"]["threads"] == 1
+    assert profile["timing"]["statistic"] == "median"
+    assert profile["ffn_table"]["widths"] == [8, 16, 32, 64]
+    assert len(profile["ffn_table"]["per_layer"]) == 3
+    assert set(profile["fixed_costs_ms"]) == {
+        "embedding",
+        "head",
+        "attention.0",
+        "attention.1",
+        "attention.2",
+    }
+    calibration = profile["calibration"]["samples"]
+    assert len(calibration) == 6
+    assert [s["widths"] for s in calibration[:4]] == [[g] * 3 for g in (8, 16, 32, 64)]
+    validation = profile["validation"]
+    assert validation["n"] == 3 and len(validation["samples"]) == 3
+    assert not {tuple(s["widths"]) for s in validation["samples"]} & {
+        tuple(s["widths"]) for s in calibration
+    }  # held out
+    for key in ("mape_pct", "spearman", "within_10pct", "naive", "noise_floor"):
+        assert key in validation
+    stages = {e["stage"] for e in events}
+    assert stages == {
+        "per-layer table",
+        "calibration",
+        "validation pass 1/2",
+        "validation pass 2/2",
+    }
+    model = LatencyModel.from_profile(profile)
+    for sample in validation["samples"]:
+        assert model.predict_ms(sample["widths"]) == pytest.approx(sample["predicted_ms"], abs=1e-6)
+
+
+def test_quick_profile_uses_fewer_samples(tiny_model: MatLM) -> None:
+    target = HardwareTarget(
+        name="q", seq_len=4, repeats=10, warmup=0, calibration=14, validation=11
+    )
+    profile = profile_checkpoint(_checkpoint(tiny_model), target, quick=True)
+    assert profile["quick"] is True
+    assert profile["timing"]["repeats"] == 5
+    assert profile["calibration"]["n"] == 12 and profile["validation"]["n"] == 10
+
+
+def test_extra_widths_are_measured_not_interpolated(tiny_model: MatLM) -> None:
+    profile = profile_checkpoint(_checkpoint(tiny_model), TINY_PREFILL, extra_widths=[24])
+    assert profile["ffn_table"]["widths"] == [8, 16, 24, 32, 64]
+    assert profile["ffn_table"]["extra_measured_widths"] == [24]
+    model = LatencyModel.from_profile(profile)
+    assert model.interpolated_layers([24, 24, 40]) == [2]
+
+
+def test_exported_checkpoints_are_not_profiled(tiny_model: MatLM) -> None:
+    with pytest.raises(ProfileError, match="universal checkpoint"):
+        profile_checkpoint(_checkpoint(slice_model(tiny_model, [8, 8, 8])), TINY_PREFILL)
+
+
+def test_cuda_target_without_cuda_fails_before_measuring(
+    tiny_model: MatLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    target = HardwareTarget(name="gpu", device="cuda:0", threads=None, seq_len=8)
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        profile_checkpoint(_checkpoint(tiny_model), target)
+
+
+def test_write_profile_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "profile.json"
+    write_profile({"format": "mnm-latency-profile", "n": 1}, path)
+    assert json.loads(path.read_text())["n"] == 1
+
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_profile({"format": "mnm-latency-profile", "n": 2}, path)
+    assert json.loads(path.read_text())["n"] == 1  # the old profile survives intact
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]  # no temp file left
+
+
+def test_write_profile_turns_nan_into_null(tmp_path: Path) -> None:
+    path = write_profile({"spearman": float("nan")}, tmp_path / "p.json")
+    assert json.loads(path.read_text()) == {"spearman": None}
