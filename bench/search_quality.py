@@ -161,11 +161,11 @@ def samplers(args: argparse.Namespace) -> None:
     results["min-slope heuristic"] = {str(len(heuristic)): [ratio]}
     print(f"min-slope heuristic alone ({len(heuristic)} configs): {ratio:.4f}")
     for name in args.samplers:
-        results[name] = {str(b): [] for b in BUDGETS}
+        results[name] = {str(b): [] for b in args.budgets}
         started = time.perf_counter()
-        for seed in range(args.seeds):
-            order = run_sampler(name, seed, max(BUDGETS), truth, columns, space)
-            for budget in BUDGETS:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            order = run_sampler(name, seed, max(args.budgets), truth, columns, space)
+            for budget in args.budgets:
                 found = by_widths.loc[order[:budget]].reset_index()
                 results[name][str(budget)].append(_hv_ratio(found, truth, columns))
         timings[name] = (time.perf_counter() - started) / args.seeds
@@ -240,6 +240,8 @@ def main() -> None:
     sm.add_argument("--seeds", type=int, default=5)
     sm.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
     sm.add_argument("--key", default="samplers", help="results key (parallel runs)")
+    sm.add_argument("--first-seed", type=int, default=0)
+    sm.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     sm.set_defaults(func=samplers)
     sw = commands.add_parser("search-wall")
     sw.add_argument("--profile", default=None)

@@ -88,6 +88,9 @@ class CachedEvaluator:
 
     `layer_widths[i]` lists the widths of layer `i` worth computing together (the search
     space's choices); when a layer is run for one of them, all of them are produced at once.
+    `siblings="always"` does so at every layer (best for exhaustive, lexicographic sweeps);
+    `"auto"` only at layers whose every prefix fits in half the cache (best for samplers,
+    whose configurations share short prefixes only).
     `cache_mb` bounds the memory held by cached hidden states (least recently used first; a
     hit also refreshes the shorter prefixes on its path); the embeddings and the full
     model's outputs for the agreement metrics are kept outside that budget.
@@ -102,11 +105,14 @@ class CachedEvaluator:
         cache_mb: float = 1024.0,
         layer_widths: Sequence[Sequence[int]] | None = None,
         agreement: bool = False,
+        siblings: str = "always",
     ) -> None:
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         if cache_mb < 0:
             raise ConfigError(f"cache_mb must be >= 0, got {cache_mb}")
+        if siblings not in ("always", "auto"):
+            raise ConfigError(f"siblings must be 'always' or 'auto', got {siblings!r}")
         config = model.config
         if not config.is_universal:
             raise ConfigError("CachedEvaluator needs a universal model (every layer at d_ff)")
@@ -124,6 +130,12 @@ class CachedEvaluator:
             else [list(config.granularities)] * config.n_layers
         )
         self.agreement = agreement
+        state_bytes = eval_set.inputs.numel() * config.d_model * 4
+        prefixes, self._sibling_layers = 0, []
+        for layer, widths in enumerate(self.layer_widths):
+            prefixes = (prefixes or 1) * len(widths)
+            if siblings == "always" or prefixes * state_bytes * 2 <= self.cache_bytes:
+                self._sibling_layers.append(layer)
         self.stats = CacheStats()
         self._cache: OrderedDict[tuple[int, ...], _Hidden] = OrderedDict()
         self._cached_bytes = 0
@@ -220,7 +232,8 @@ class CachedEvaluator:
         """Outputs of `layer` for `width` and every sibling width, sharing one widest FFN pass."""
         block = self.model.blocks[layer]
         # Siblings are only worth computing if they can be kept for later.
-        widths = sorted({width, *self.layer_widths[layer]}) if self.cache_bytes else [width]
+        keep = self.cache_bytes and layer in self._sibling_layers
+        widths = sorted({width, *self.layer_widths[layer]}) if keep else [width]
         positive = [w for w in widths if w > 0]
         outputs: dict[int, _Hidden] = {w: [] for w in widths}
         self.stats.layer_runs += 1

@@ -54,12 +54,14 @@ OBJECTIVES = {
     "disagreement": "disagreement",
 }
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "exhaustive")
-DEFAULT_SAMPLER = "tpe"
+DEFAULT_SAMPLER = "gp"
 JOURNAL_FILE = "study.journal"
 _SETUP_ATTR = "mnm_setup"
 # Every metric of a trial goes into one user attr: each storage write costs an fsync.
 _METRICS_ATTR = "metrics"
-_STALE_WITHOUT_OWNER = timedelta(minutes=2)
+# A worker tags its trial milliseconds after Optuna creates it; a trial still untagged after
+# this long belongs to a worker killed in between.
+_STALE_WITHOUT_OWNER = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -366,6 +368,45 @@ def make_sampler(name: str, *, seed: int, n_objectives: int) -> optuna.samplers.
     raise ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 
+class _OwnedSampler(optuna.samplers.BaseSampler):
+    """Delegates to a sampler, but first tags each new trial with its worker.
+
+    Tagging in `before_trial` (before the sampler's possibly slow model fit) leaves almost
+    no window in which a killed worker's RUNNING trial has no owner to check.
+    """
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, worker: str) -> None:
+        self.inner = inner
+        self.worker = worker
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        study._storage.set_trial_user_attr(trial._trial_id, "worker", self.worker)
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: Any) -> Any:
+        return self.inner.sample_relative(study, trial, space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: Any
+    ) -> Any:
+        return self.inner.sample_independent(study, trial, name, distribution)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
 def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -571,8 +612,12 @@ def run_search(
     # The creating worker uses the seed as given (reproducible runs); others joining or
     # resuming get their own stream so they do not propose the same configurations.
     sampler_seed = settings.seed if created else (settings.seed * 1_000_003 + os.getpid())
-    study.sampler = make_sampler(
-        settings.sampler, seed=sampler_seed % 2**32, n_objectives=len(settings.objectives)
+    worker = _worker_id()
+    study.sampler = _OwnedSampler(
+        make_sampler(
+            settings.sampler, seed=sampler_seed % 2**32, n_objectives=len(settings.objectives)
+        ),
+        worker,
     )
 
     distributions = {
@@ -586,6 +631,7 @@ def run_search(
         cache_mb=settings.cache_mb,
         layer_widths=space.choices,
         agreement=settings.needs_agreement,
+        siblings="always" if settings.sampler == "exhaustive" else "auto",
     )
     screener = (
         CachedEvaluator(
@@ -599,7 +645,6 @@ def run_search(
         else None
     )
     fidelity_gaps: list[float] = []  # full - subset loss of fully evaluated configs
-    worker = _worker_id()
     started = time.monotonic()
     n_new = 0
     last_write = time.monotonic()
@@ -653,16 +698,32 @@ def run_search(
         return True
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
-        trial.set_user_attr("worker", worker)
         # Claim: the trials numbered before this one that are done or running. If they
         # already make up the total, this one is surplus (several workers raced for it).
-        ahead = [
-            t
-            for t in study.get_trials(
-                deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
+        def claimed_ahead() -> list[FrozenTrial]:
+            return [
+                t
+                for t in study.get_trials(
+                    deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
+                )
+                if t.number < trial.number and not t.user_attrs.get("surplus")
+            ]
+
+        ahead = claimed_ahead()
+        # Before calling this trial surplus, make sure no claim ahead of it is an orphan of a
+        # killed worker: owned orphans fail at once, untagged ones once they are stale.
+        deadline = time.monotonic() + _STALE_WITHOUT_OWNER.total_seconds() + 2
+        while len(ahead) >= n_target and any(t.state == TrialState.RUNNING for t in ahead):
+            if fail_dead_trials(study):
+                ahead = claimed_ahead()
+                continue
+            untagged = any(
+                t.state == TrialState.RUNNING and "worker" not in t.user_attrs for t in ahead
             )
-            if t.number < trial.number and not t.user_attrs.get("surplus")
-        ]
+            if not untagged or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+            ahead = claimed_ahead()
         if len(ahead) >= n_target:
             trial.set_user_attr("surplus", True)
             study.stop()

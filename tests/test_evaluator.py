@@ -91,6 +91,23 @@ def test_exhaustive_sweep_reuses_prefixes_and_siblings(
     assert evaluator.stats.evictions == 0
 
 
+def test_auto_siblings_only_where_every_prefix_fits(
+    trained_like_model: MatLM, eval_set: EvalSet
+) -> None:
+    state_mb = eval_set.inputs.numel() * trained_like_model.config.d_model * 4 / 2**20
+    space = SearchSpace.from_config(trained_like_model.config)
+    # room for 2 x (4 + 16) states: siblings at layers 0 and 1, not at layer 2 (64 prefixes)
+    evaluator = CachedEvaluator(
+        trained_like_model, eval_set, cache_mb=40.5 * state_mb, siblings="auto"
+    )
+    assert evaluator._sibling_layers == [0, 1]
+    for widths in _configs(space, 12):
+        plain = evaluate_loss(trained_like_model, eval_set, widths)
+        assert evaluator.evaluate(widths).loss == pytest.approx(plain, rel=1e-6, abs=0)
+    with pytest.raises(ConfigError, match="siblings must be"):
+        CachedEvaluator(trained_like_model, eval_set, siblings="never")
+
+
 def test_cache_is_bounded(trained_like_model: MatLM, eval_set: EvalSet) -> None:
     one_state_mb = eval_set.inputs.numel() * trained_like_model.config.d_model * 4 / 2**20
     evaluator = CachedEvaluator(trained_like_model, eval_set, cache_mb=3.5 * one_state_mb)
