@@ -19,11 +19,12 @@ from mnm_search.checkpoint import load_checkpoint
 from mnm_search.cli._common import err, out, progress_bar, user_errors
 from mnm_search.cli._export import default_measurement_target
 from mnm_search.cli._pareto import Results, front_table, print_front, write_outputs
+from mnm_search.cli._profile import profile_with_progress
 from mnm_search.data import load_eval_set
 from mnm_search.errors import ConfigError
 from mnm_search.export import export_submodel, pick_under_budget
 from mnm_search.latency import LatencyModel
-from mnm_search.profiler import profile_checkpoint, write_profile
+from mnm_search.profiler import write_profile
 from mnm_search.space import SearchSpace
 from mnm_search.study import SearchProgress, SearchSettings, run_search
 
@@ -86,18 +87,7 @@ def demo(
     target = default_measurement_target(checkpoint)
     kind = "quick profile" if plan.quick_profile else "profile"
     _stage(1, f"{kind} of {target.describe()}")
-    with progress_bar() as progress:
-        tasks: dict[str, Any] = {}
-
-        def on_profile(event: dict[str, Any]) -> None:
-            stage = event["stage"]
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=event["total"], status="")
-            progress.update(tasks[stage], completed=event["done"])
-
-        profile = profile_checkpoint(
-            checkpoint, target, quick=plan.quick_profile, on_progress=on_profile
-        )
+    profile = profile_with_progress(checkpoint, target, quick=plan.quick_profile)
     profile_path = write_profile(profile, out_dir / "profile.json")
     latency_model = LatencyModel.from_profile(profile)
     validation = profile.get("validation") or {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -90,18 +91,7 @@ def profile(
     checkpoint = load_checkpoint(ckpt)
     destination = out_path or Path(f"profile-{target.name}.json")
     err.print(f"Profiling {target.describe()}", highlight=False)
-    with progress_bar() as progress:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(event: dict[str, Any]) -> None:
-            stage = event["stage"]
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=event["total"], status="")
-            progress.update(tasks[stage], completed=event["done"])
-
-        result = profile_checkpoint(
-            checkpoint, target, quick=quick, on_progress=on_progress, extra_widths=extra
-        )
+    result = profile_with_progress(checkpoint, target, quick=quick, extra_widths=extra)
     write_profile(result, destination)
     if as_json:
         print_json(
@@ -207,3 +197,25 @@ def print_summary(result: dict[str, Any], config: ModelConfig) -> None:
         _pct(noise["max_abs_pct_err"]),
     )
     out.print(quality)
+
+
+def profile_with_progress(
+    checkpoint: Checkpoint,
+    target: HardwareTarget,
+    *,
+    quick: bool,
+    extra_widths: Sequence[int] = (),
+) -> dict[str, Any]:
+    """`profile_checkpoint` with one rich progress bar per profiling stage."""
+    with progress_bar() as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(event: dict[str, Any]) -> None:
+            stage = event["stage"]
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=event["total"], status="")
+            progress.update(tasks[stage], completed=event["done"])
+
+        return profile_checkpoint(
+            checkpoint, target, quick=quick, on_progress=on_progress, extra_widths=extra_widths
+        )
