@@ -661,7 +661,7 @@ def run_search(
             "objective_columns": settings.columns,
             "constraints": limits,
             "fingerprint": checkpoint.fingerprint,
-            "checkpoint": str(checkpoint.path) if checkpoint.path else None,
+            "checkpoint": str(checkpoint.path.resolve()) if checkpoint.path else None,
             "space": space.to_dict(),
             "space_size": space.size,
             "eval_tokens": eval_set.n_tokens,
