@@ -129,7 +129,15 @@ def save_checkpoint(
     return out
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The JSON object in `<path>/config.json` of any checkpoint family, with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path} is a file; a checkpoint is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -172,13 +180,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     """Load a universal or exported checkpoint (None: the embedded default)."""
     path = default_checkpoint_path() if path is None else Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{path} is a file; a checkpoint is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"
-        )
-    data = _read_config(path)
+    data = read_config(path)
     if data.get("format") not in (None, FORMAT):
         raise CheckpointError(
             f"{path} has format {data.get('format')!r}; this loader reads {FORMAT!r} checkpoints"

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,21 +33,9 @@ SUPPORTED = {
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
     """The JSON object in `<path>/config.json`, with errors that say what is wrong."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is a file; a checkpoint is a directory with config.json")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{path} has no config.json; is it a checkpoint directory?")
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{config_path} must hold a JSON object")
-    return data
+    from mnm_search.checkpoint import read_config  # torch-heavy: only when a path is read
+
+    return read_config(path)
 
 
 def family_of_config(data: dict[str, Any], *, where: str = "config.json") -> str:
