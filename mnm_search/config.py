@@ -6,6 +6,7 @@ Widths are always explicit: a list with one FFN hidden width per layer (0 = FFN 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -137,13 +138,8 @@ def param_count(config: ModelConfig, widths: Sequence[int] | None = None) -> int
 _REPEAT = re.compile(r"^(?P<item>[^*]+)\*(?P<count>\d+)$")
 
 
-def parse_widths(spec: str | Sequence[int | str], config: ModelConfig) -> Widths:
-    """Turn `"S,M,L*2,XL,0,512"` (or a list) into one explicit width per layer.
-
-    Names are the granularity names (`S M L XL` for g=4, `g0..g{n-1}` always), integers are raw
-    FFN widths (any value up to the layer's stored width), `0` skips the FFN, and `X*N`
-    repeats an entry. Errors name the offending layer.
-    """
+def expand_widths_spec(spec: str | Sequence[int | str]) -> list[str]:
+    """Split `"S,M,L*2"` (or a list) into one stripped entry per layer, repeats expanded."""
     if isinstance(spec, str):
         raw_items = [item.strip() for item in spec.split(",")]
     else:
@@ -160,6 +156,26 @@ def parse_widths(spec: str | Sequence[int | str], config: ModelConfig) -> Widths
             items.extend([match["item"].strip()] * count)
         else:
             items.append(item)
+    return items
+
+
+def run_length_widths(widths: Sequence[int]) -> str:
+    """`[8192, 8192, 0, 16384]` -> `"8192*2,0,16384"`: short, and `expand_widths_spec` reads it."""
+    parts = []
+    for width, group in itertools.groupby(widths):
+        count = len(list(group))
+        parts.append(f"{width}*{count}" if count > 1 else str(width))
+    return ",".join(parts)
+
+
+def parse_widths(spec: str | Sequence[int | str], config: ModelConfig) -> Widths:
+    """Turn `"S,M,L*2,XL,0,512"` (or a list) into one explicit width per layer.
+
+    Names are the granularity names (`S M L XL` for g=4, `g0..g{n-1}` always), integers are raw
+    FFN widths (any value up to the layer's stored width), `0` skips the FFN, and `X*N`
+    repeats an entry. Errors name the offending layer.
+    """
+    items = expand_widths_spec(spec)
     if len(items) != config.n_layers:
         raise WidthsError(
             f"widths {spec!r} give {len(items)} entries, but the checkpoint has "

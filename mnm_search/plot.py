@@ -53,6 +53,7 @@ def pareto_figure(
     cost: str = "latency_ms",
     uniform: Mapping[str, pd.Series] | None = None,
     heuristic: pd.DataFrame | None = None,
+    named: pd.DataFrame | None = None,
     budget: float | None = None,
     target: str | None = None,
     title: str | None = None,
@@ -61,7 +62,9 @@ def pareto_figure(
 
     `uniform` maps a label (`S`, `M`, ...) to the trial row of that uniform model; each is
     marked and labelled. `heuristic` holds the rows of the paper's minimum-slope
-    configurations. `budget` (in the cost column's unit) draws a vertical line.
+    configurations. `named` holds rows of named external configurations (e.g. MatFormer Lab's)
+    with a `name` column; each is marked and labelled. `budget` (in the cost column's unit)
+    draws a vertical line.
     """
     _, unit, scale = _axis(cost)
     trials = _finished(trials, cost)
@@ -122,6 +125,27 @@ def pareto_figure(
             fontweight="bold",
             color="tab:red",
         )
+    if named is not None and len(named := _finished(named, cost)):
+        ax.scatter(
+            named[cost] * scale,
+            named["loss"],
+            s=60,
+            marker="D",
+            facecolor="none",
+            edgecolor="tab:purple",
+            linewidths=1.6,
+            zorder=5,
+            label=f"MatFormer Lab configs ({len(named)})",
+        )
+        for _, row in named.iterrows():
+            ax.annotate(
+                str(row["name"]),
+                (row[cost] * scale, row["loss"]),
+                xytext=(6, -10),
+                textcoords="offset points",
+                fontsize=8,
+                color="tab:purple",
+            )
     if budget is not None:
         ax.axvline(
             budget * scale,

@@ -12,6 +12,7 @@ trials is exact, and trials of workers that died are failed so that a re-run fil
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,8 +42,12 @@ from mnm_search.pareto import format_widths_column, hypervolume, pareto_front, w
 from mnm_search.space import SearchSpace, param_name
 
 if TYPE_CHECKING:
+    from mnm_search.families.gemma3n import Gemma3nFamily
     from mnm_search.latency import LatencyModel
     from mnm_search.targets import HardwareTarget
+
+    # What a search runs on: a native checkpoint or a loaded model family adapter.
+    Subject = Checkpoint | Gemma3nFamily
 
 # objective name -> result column (every objective is minimised)
 OBJECTIVES = {
@@ -170,24 +175,30 @@ class CostModel:
 
     def __init__(
         self,
-        checkpoint: Checkpoint,
+        subject: Subject,
         *,
         latency_model: LatencyModel | None = None,
         memory_target: HardwareTarget | None = None,
     ) -> None:
-        self.config = checkpoint.config
+        self.subject = subject
         self.latency_model = latency_model
         self.memory_target = memory_target
 
+    def params(self, widths: Sequence[int]) -> int:
+        if isinstance(self.subject, Checkpoint):
+            return param_count(self.subject.config, widths)
+        return self.subject.param_count(widths)
+
     def __call__(self, widths: Sequence[int]) -> dict[str, float]:
-        metrics: dict[str, float] = {"params": float(param_count(self.config, widths))}
+        metrics: dict[str, float] = {"params": float(self.params(widths))}
         if self.latency_model is not None:
             metrics["latency_ms"] = float(self.latency_model.predict_ms(widths))
         if self.memory_target is not None:
             from mnm_search.memory import memory_bytes
 
+            assert isinstance(self.subject, Checkpoint)  # run_search refuses other families
             metrics["memory_bytes"] = float(
-                memory_bytes(self.config, widths, self.memory_target).total
+                memory_bytes(self.subject.config, widths, self.memory_target).total
             )
         return metrics
 
@@ -296,7 +307,7 @@ def eval_fingerprint(eval_set: EvalSet) -> str:
 
 
 def study_setup(
-    checkpoint: Checkpoint,
+    checkpoint: Subject,
     space: SearchSpace,
     settings: SearchSettings,
     eval_set: EvalSet,
@@ -483,10 +494,14 @@ def open_study(
 
 
 def seed_configs(
-    space: SearchSpace, checkpoint: Checkpoint, costs: CostModel, limits: dict[str, float]
+    space: SearchSpace, checkpoint: Subject, costs: CostModel, limits: dict[str, float]
 ) -> list[tuple[str, list[int]]]:
     """(label, widths) of the uniform and minimum-slope configs that meet the cost limits."""
-    seeds = [(f"uniform {n}", w) for n, w in space.uniform_configs(checkpoint.config).items()]
+    if isinstance(checkpoint, Checkpoint):
+        uniform = {f"uniform {n}": w for n, w in space.uniform_configs(checkpoint.config).items()}
+    else:
+        uniform = {n: w for n, w in checkpoint.uniform_configs().items() if space.contains(w)}
+    seeds = list(uniform.items())
     seeds += [("min-slope", w) for w in space.min_slope_configs()]
     feasible = []
     for label, widths in seeds:
@@ -562,7 +577,7 @@ def _front_hypervolume(frame: pd.DataFrame, columns: list[str]) -> float | None:
 
 
 def run_search(
-    checkpoint: Checkpoint,
+    checkpoint: Subject,
     space: SearchSpace,
     settings: SearchSettings,
     eval_set: EvalSet,
@@ -575,13 +590,33 @@ def run_search(
     run_info: dict[str, Any] | None = None,
     on_progress: Callable[[SearchProgress], None] | None = None,
     on_ready: Callable[[int], None] | None = None,
+    named_configs: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> SearchResult:
     """Run (or resume) a study until it holds `settings.n_trials` complete trials.
 
+    `checkpoint` is a native checkpoint or a loaded family adapter (Gemma 3n).
+    `named_configs` (label, widths), e.g. MatFormer Lab's configurations, are evaluated
+    first, next to the uniform and heuristic seeds, whatever the cost limits say; their
+    label is the trial's `source`.
     Writes trials.csv, pareto.csv and run.json to `results_dir` (also when interrupted).
     `on_ready(n_complete)` is called once the study is open, before the first trial.
     """
     results_dir = Path(results_dir)
+    native = isinstance(checkpoint, Checkpoint)
+    if not native and (settings.needs_memory or settings.needs_agreement):
+        raise SearchError(
+            f"the {checkpoint.name} family supports the objectives loss, latency and params "
+            f"(and --max-latency-ms/--max-params); memory, kl and disagreement need a native "
+            f"mnm checkpoint"
+        )
+    for label, widths in named_configs:
+        if not space.contains(widths):
+            skips = any(w == 0 for w in widths)
+            hint = " (it skips layers: add --allow-skip)" if skips else ""
+            raise SearchError(
+                f"configuration {label!r} ({','.join(map(str, widths))}) is not in the search "
+                f"space{hint}; widen the space or leave it out"
+            )
     if settings.needs_latency and latency_model is None:
         raise SearchError(
             "the latency objective/constraint needs a latency profile: pass --profile FILE.json "
@@ -606,8 +641,11 @@ def run_search(
     n_target = settings.n_trials
     if settings.sampler == "exhaustive":
         n_target = min(n_target, space.size)
-    if created and settings.seed_configs:
-        for label, widths in seed_configs(space, checkpoint, costs, limits):
+    if created:
+        seeds = [(label, list(widths)) for label, widths in named_configs]
+        if settings.seed_configs:
+            seeds += seed_configs(space, checkpoint, costs, limits)
+        for label, widths in seeds:
             study.enqueue_trial(space.to_params(widths), user_attrs={"seed": label})
     # The creating worker uses the seed as given (reproducible runs); others joining or
     # resuming get their own stream so they do not propose the same configurations.
@@ -624,22 +662,14 @@ def run_search(
         param_name(layer): CategoricalDistribution(list(options))
         for layer, options in enumerate(space.choices)
     }
-    evaluator = CachedEvaluator(
-        checkpoint.model,
-        eval_set,
-        batch_size=settings.batch_size,
-        cache_mb=settings.cache_mb,
-        layer_widths=space.choices,
-        agreement=settings.needs_agreement,
-        siblings="always" if settings.sampler == "exhaustive" else "auto",
-    )
+    evaluator = _evaluator(checkpoint, eval_set, settings, space)
     screener = (
-        CachedEvaluator(
-            checkpoint.model,
+        _evaluator(
+            checkpoint,
             eval_subset(eval_set, settings.fidelity_tokens),
-            batch_size=settings.batch_size,
-            cache_mb=settings.cache_mb / 4,
-            layer_widths=space.choices,
+            dataclasses.replace(settings, cache_mb=settings.cache_mb / 4),
+            space,
+            screening=True,
         )
         if settings.fidelity_tokens
         else None
@@ -662,6 +692,7 @@ def run_search(
             "constraints": limits,
             "fingerprint": checkpoint.fingerprint,
             "checkpoint": str(checkpoint.path.resolve()) if checkpoint.path else None,
+            "family": "matlm" if native else checkpoint.name,
             "space": space.to_dict(),
             "space_size": space.size,
             "eval_tokens": eval_set.n_tokens,
@@ -827,6 +858,31 @@ def run_search(
             "layer_runs": stats.layer_runs,
             "evictions": stats.evictions,
         },
+    )
+
+
+def _evaluator(
+    subject: Subject,
+    eval_set: EvalSet,
+    settings: SearchSettings,
+    space: SearchSpace,
+    *,
+    screening: bool = False,
+) -> Any:
+    """The quality evaluator of the subject's family (anything with `evaluate` and `stats`)."""
+    if not isinstance(subject, Checkpoint):
+        from mnm_search.families.gemma3n import Gemma3nEvaluator
+
+        return Gemma3nEvaluator(subject, eval_set)
+    return CachedEvaluator(
+        subject.model,
+        eval_set,
+        batch_size=settings.batch_size,
+        cache_mb=settings.cache_mb,
+        layer_widths=space.choices,
+        agreement=settings.needs_agreement and not screening,
+        # The screener's small subset affords every sibling width (as before this refactor).
+        siblings="always" if settings.sampler == "exhaustive" or screening else "auto",
     )
 
 

@@ -84,3 +84,28 @@ def progress_bar(*, transient: bool = True) -> Iterator[Progress]:
     )
     with progress:
         yield progress
+
+
+StepOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--step",
+        min=1,
+        help="Gemma 3n only: FFN width granularity (default: from the checkpoint, 2048 for E4B).",
+    ),
+]
+
+
+def family_of(ckpt: Path | None) -> str:
+    """The model family of CKPT: `matlm` (also the embedded default) or `gemma3n`."""
+    from mnm_search.families import NATIVE, detect_family
+
+    return NATIVE if ckpt is None else detect_family(ckpt)
+
+
+def refuse_step(step: int | None) -> None:
+    if step is not None:
+        raise MnmError(
+            "--step applies to Gemma 3n checkpoints only; a native checkpoint's widths are its "
+            "trained granularities (see mnm info)"
+        )

@@ -18,16 +18,20 @@ from mnm_search.cli._common import (
     CkptArg,
     DataOpt,
     JsonOpt,
+    StepOpt,
     err,
+    family_of,
     out,
     print_json,
     progress_bar,
+    refuse_step,
     user_errors,
 )
 from mnm_search.cli._profile import load_profile_for
 from mnm_search.config import format_widths, param_count, parse_widths
 from mnm_search.data import load_eval_set
 from mnm_search.evaluator import evaluate_loss
+from mnm_search.families import GEMMA3N
 from mnm_search.train import PRESETS, Trainer, TrainSettings
 
 
@@ -37,11 +41,19 @@ def _count_configs(checkpoint: Checkpoint) -> dict[str, int]:
 
 
 @user_errors
-def info(ckpt: CkptArg = None, as_json: JsonOpt = False) -> None:
+def info(ckpt: CkptArg = None, as_json: JsonOpt = False, step: StepOpt = None) -> None:
     """Describe a checkpoint: family, layers, granularities, parameters, provenance.
+
+    Works on native mnm checkpoints and on Gemma 3n (transformers) checkpoint directories.
 
     Example: mnm info --json
     """
+    if ckpt is not None and family_of(ckpt) == GEMMA3N:
+        from mnm_search.cli import _gemma3n
+
+        _gemma3n.info(ckpt, as_json=as_json, step=step)
+        return
+    refuse_step(step)
     checkpoint = load_checkpoint(ckpt)
     config = checkpoint.config
     uniform = {
@@ -135,11 +147,29 @@ def eval_command(
         typer.Option("--profile", help="Latency profile JSON (mnm profile): adds latency_ms."),
     ] = None,
     as_json: JsonOpt = False,
+    step: StepOpt = None,
 ) -> None:
     """Loss, perplexity and parameters of one Mix'n'Match configuration.
 
+    Gemma 3n checkpoints take integer widths (multiples of the step, 0 drops a layer) and
+    are evaluated with their own tokenizer when the directory has one.
+
     Example: mnm eval --widths S,S,M,L,XL,XL --profile profile-cpu-prefill.json --json
     """
+    if ckpt is not None and family_of(ckpt) == GEMMA3N:
+        from mnm_search.cli import _gemma3n
+
+        _gemma3n.evaluate(
+            ckpt,
+            widths=widths,
+            data=data,
+            max_tokens=max_tokens,
+            profile=profile,
+            as_json=as_json,
+            step=step,
+        )
+        return
+    refuse_step(step)
     checkpoint = load_checkpoint(ckpt)
     config = checkpoint.config
     resolved = parse_widths(widths, config) if widths is not None else config.physical_widths

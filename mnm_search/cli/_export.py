@@ -15,9 +15,12 @@ from mnm_search.cli._common import (
     CkptArg,
     DataOpt,
     JsonOpt,
+    StepOpt,
     err,
+    family_of,
     out,
     print_json,
+    refuse_step,
     user_errors,
 )
 from mnm_search.cli._pareto import Results
@@ -35,24 +38,30 @@ from mnm_search.export import (
     pick_trial,
     pick_under_budget,
 )
+from mnm_search.families import GEMMA3N
 from mnm_search.latency import LatencyModel
 from mnm_search.targets import HardwareTarget, default_target, load_target
+
+
+def _source_path(ckpt: Path | None, results: Results | None) -> Path | None:
+    """CKPT, else the checkpoint the search ran on (None: the embedded default)."""
+    if results is None or ckpt is not None:
+        return ckpt
+    searched = results.run_info.get("checkpoint")
+    path = Path(searched) if searched else default_checkpoint_path()
+    if not path.exists():
+        raise ExportError(
+            f"{results.dir} was searched on checkpoint {path}, which is no longer there; "
+            f"pass the checkpoint directory as CKPT"
+        )
+    return path
 
 
 def _checkpoint_for(ckpt: Path | None, results: Results | None) -> Checkpoint:
     """The checkpoint to slice: CKPT, else the one the search ran on; it must match the search."""
     if results is None:
         return load_checkpoint(ckpt)
-    searched = results.run_info.get("checkpoint")
-    if ckpt is None:
-        path = Path(searched) if searched else default_checkpoint_path()
-        if not path.exists():
-            raise ExportError(
-                f"{results.dir} was searched on checkpoint {path}, which is no longer there; "
-                f"pass the checkpoint directory as CKPT"
-            )
-        ckpt = path
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = load_checkpoint(_source_path(ckpt, results))
     expected = results.run_info.get("fingerprint")
     if expected and expected != checkpoint.fingerprint:
         raise ExportError(
@@ -74,7 +83,7 @@ def default_measurement_target(checkpoint: Checkpoint) -> HardwareTarget:
 
 
 def _latency_model(
-    profile: Path | None, results: Results | None, checkpoint: Checkpoint
+    profile: Path | None, results: Results | None, checkpoint: Any
 ) -> LatencyModel | None:
     """--profile, else the profile the search used (if it is still there)."""
     if profile is None and results is not None:
@@ -166,8 +175,12 @@ def export(
         typer.Option("--all-pareto", help="Export every front member (one subdirectory each)."),
     ] = False,
     fmt: Annotated[
-        str, typer.Option("--format", help="safetensors, onnx (adds model.onnx), hf (Gemma 3n).")
-    ] = "safetensors",
+        str | None,
+        typer.Option(
+            "--format",
+            help="safetensors (native default), onnx (adds model.onnx), hf (Gemma 3n default).",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     profile: Annotated[
         Path | None,
@@ -184,12 +197,16 @@ def export(
         int, typer.Option("--max-tokens", min=1, help="Evaluate on at most this many tokens.")
     ] = DEFAULT_EVAL_TOKENS,
     as_json: JsonOpt = False,
+    step: StepOpt = None,
 ) -> None:
     """Write a physically sliced, verified submodel (config.json, safetensors, model card).
 
+    A Gemma 3n checkpoint exports with --format hf: sharded safetensors, config.json with
+    per-layer intermediate_size, tokenizer and model card, reloaded with transformers and
+    compared with the in-place sliced model before anything is published.
+
     Example: mnm export --from results/default --max-latency-ms 5 --out my-model
     """
-    check_format(fmt)
     if (widths is None) == (from_dir is None):
         raise ConfigError("give either --widths W or --from RESULTS_DIR (exactly one)")
     if from_dir is None and (trial is not None or max_latency_ms is not None or all_pareto):
@@ -199,6 +216,25 @@ def export(
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} already exists; choose another --out or pass --force")
     results = Results(from_dir) if from_dir is not None else None
+    source = _source_path(ckpt, results)
+    if source is not None and family_of(source) == GEMMA3N:
+        _export_gemma3n(
+            source,
+            results,
+            out_dir,
+            widths=widths,
+            choice={"trial": trial, "max_latency_ms": max_latency_ms, "all_pareto": all_pareto},
+            fmt=fmt,
+            profile=profile,
+            data=data,
+            max_tokens=max_tokens,
+            overwrite=force,
+            as_json=as_json,
+            step=step,
+        )
+        return
+    refuse_step(step)
+    fmt = check_format(fmt or "safetensors")
     checkpoint = _checkpoint_for(ckpt, results)
     if results is None:
         members = [Member(widths=parse_widths(widths or "", checkpoint.config))]
@@ -235,3 +271,47 @@ def export(
         print_json({"out": str(out_dir), "exports": data_out} if all_pareto else data_out[0])
         return
     _show(reports, out_dir)
+
+
+def _export_gemma3n(
+    source: Path,
+    results: Results | None,
+    out_dir: Path,
+    *,
+    widths: str | None,
+    choice: dict[str, Any],
+    fmt: str | None,
+    profile: Path | None,
+    data: Path | None,
+    max_tokens: int,
+    overwrite: bool,
+    as_json: bool,
+    step: int | None,
+) -> None:
+    from mnm_search.cli import _gemma3n
+    from mnm_search.families import load_gemma3n
+
+    if fmt not in (None, "hf"):  # before loading: a real checkpoint takes minutes to read
+        raise ExportError(
+            f"a Gemma 3n checkpoint exports as --format hf (a transformers directory), not {fmt}"
+        )
+    if results is not None and step is None:
+        step = results.run_info.get("step")  # the widths were chosen with the search's step
+    family = load_gemma3n(source, step=step)
+    members: list[tuple[int | None, list[int]]]
+    if results is None:
+        members = [(None, family.parse_widths(widths or ""))]
+    else:
+        _gemma3n.check_ckpt_matches(family, results.run_info.get("fingerprint"), results.dir)
+        members = [(m.trial, m.widths) for m in _members(results, **choice)]
+    _gemma3n.export(
+        members,
+        out_dir,
+        family=family,
+        data=data,
+        max_tokens=max_tokens,
+        latency_model=_latency_model(profile, results, family),
+        provenance={"results_dir": str(results.dir)} if results is not None else {},
+        overwrite=overwrite,
+        as_json=as_json,
+    )

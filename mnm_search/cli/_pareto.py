@@ -13,11 +13,12 @@ from rich.table import Table
 
 from mnm_search.checkpoint import CONFIG_FILE, default_checkpoint_path
 from mnm_search.cli._common import JsonOpt, err, out, print_json, user_errors
-from mnm_search.config import ModelConfig, format_widths
+from mnm_search.config import ModelConfig, format_widths, run_length_widths
 from mnm_search.export import finished_trials
 from mnm_search.pareto import PARETO_FILE, pareto_front, read_results
 from mnm_search.plot import COST_AXES, pareto_figure, save_figure, width_heatmap
 
+LAB_PREFIX = "lab: "  # trial source of MatFormer Lab configurations (set by `mnm search`)
 PLOT_FILE = "pareto.png"
 HEATMAP_FILE = "heatmap.png"
 
@@ -51,8 +52,17 @@ class Results:
     def compact(self, widths: str) -> str:
         values = [int(w) for w in str(widths).split(",")]
         if self.names_config is None:
-            return " ".join(map(str, values))
+            return run_length_widths(values)
         return format_widths(values, self.names_config)
+
+    def named(self) -> pd.DataFrame:
+        """Finished rows of named external configurations (MatFormer Lab), with a `name`."""
+        rows = self.finished.dropna(subset=[self.cost])
+        if "source" not in rows.columns:
+            return rows.iloc[0:0].assign(name=[])
+        sources = rows["source"].astype(str)
+        rows = rows[sources.str.startswith(LAB_PREFIX)]
+        return rows.assign(name=rows["source"].astype(str).str.removeprefix(LAB_PREFIX))
 
     def labelled(self) -> tuple[dict[str, pd.Series], pd.DataFrame]:
         """Uniform models by name, and the heuristic (min-slope) rows, among finished trials."""
@@ -62,6 +72,9 @@ class Results:
             values = {int(w) for w in str(row["widths"]).split(",")}
             if len(values) == 1 and (width := values.pop()) in self.names:
                 uniform.setdefault(self.names[width], row)
+            elif not self.names and str(row.get("source", "")).startswith("uniform "):
+                # Families without granularity names (Gemma 3n) label their uniform seeds.
+                uniform.setdefault(str(row["source"]).removeprefix("uniform "), row)
         order = {name: i for i, name in enumerate(self.names.values())}
         uniform = dict(sorted(uniform.items(), key=lambda item: order.get(item[0], 99)))
         if "source" in rows.columns:
@@ -78,6 +91,8 @@ def _has(df: pd.DataFrame, column: str) -> bool:
 def _names_config(run_info: dict[str, Any]) -> ModelConfig | None:
     """A stand-in config whose granularities (from the search space, else from the
     checkpoint) give format_widths the names `S`, `M`, ... of the searched model."""
+    if run_info.get("family") not in (None, "matlm"):
+        return None  # e.g. Gemma 3n: widths are plain step multiples, shown as numbers
     grans = (run_info.get("space") or {}).get("granularities")
     if not grans:
         path = Path(run_info.get("checkpoint") or default_checkpoint_path()) / CONFIG_FILE
@@ -125,6 +140,30 @@ def front_table(results: Results) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def named_table(results: Results) -> pd.DataFrame:
+    """Each named configuration next to the best front member that costs no more."""
+    front = results.front
+    rows = []
+    for _, row in results.named().iterrows():
+        cost = float(row[results.cost])
+        data: dict[str, Any] = {
+            "name": row["name"],
+            "trial": int(row["trial"]),
+            "widths_compact": results.compact(row["widths"]),
+            "loss": float(row["loss"]),
+            results.cost: _number(row[results.cost]),
+            "on_front": bool((front["trial"] == row["trial"]).any()),
+        }
+        cheaper = front[front[results.cost].astype(float) <= cost]
+        if not cheaper.empty:
+            best = cheaper.loc[cheaper["loss"].astype(float).idxmin()]
+            data["best_front_trial"] = int(best["trial"])
+            data["best_front_loss"] = float(best["loss"])
+            data["loss_gain"] = float(row["loss"]) - float(best["loss"])
+        rows.append(data)
+    return pd.DataFrame(rows)
+
+
 def _number(value: Any) -> int | float:
     """Counts (params, bytes) as ints, latencies as floats."""
     number = float(value)
@@ -156,6 +195,7 @@ def write_outputs(
         cost=results.cost,
         uniform=uniform,
         heuristic=heuristic,
+        named=results.named(),
         budget=budget if budget is not None else results.budget,
         target=target,
         title=f"{study}: validation loss vs {COST_AXES[results.cost][0]}",
@@ -219,6 +259,30 @@ def print_front(results: Results, table: pd.DataFrame) -> None:
     out.print(view)
 
 
+def print_named(results: Results, named: pd.DataFrame) -> None:
+    view = Table(title="Named configurations (MatFormer Lab) under this profile")
+    for column in ("name", "trial", "loss", results.cost, "on front", "best front ≤ cost"):
+        view.add_column(column, justify="left" if column == "name" else "right")
+    for _, row in named.iterrows():
+        best = "-"
+        if not pd.isna(row.get("best_front_trial")):
+            best = (
+                f"trial {int(row['best_front_trial'])}: loss {row['best_front_loss']:.4f} "
+                f"({-row['loss_gain']:+.4f})"
+            )
+        view.add_row(
+            str(row["name"]),
+            str(row["trial"]),
+            f"{row['loss']:.4f}",
+            f"{float(row[results.cost]):,.3f}"
+            if results.cost == "latency_ms"
+            else f"{int(row[results.cost]):,}",
+            "yes" if row["on_front"] else "no",
+            best,
+        )
+    out.print(view)
+
+
 @user_errors
 def pareto(
     results_dir: Annotated[Path, typer.Argument(help="Results directory of `mnm search`.")],
@@ -240,6 +304,7 @@ def pareto(
     """
     results = Results(results_dir)
     table = front_table(results)
+    named = named_table(results)
     csv, plot_path, heatmap_path = write_outputs(results, plot=plot, heatmap=heatmap)
     if as_json:
         print_json(
@@ -251,6 +316,7 @@ def pareto(
                 "n_finished": len(results.finished),
                 "budget": results.budget,
                 "front": json.loads(table.to_json(orient="records")),
+                "named_configs": json.loads(named.to_json(orient="records")),
                 "pareto_csv": str(csv),
                 "plot": str(plot_path),
                 "heatmap": str(heatmap_path),
@@ -258,4 +324,6 @@ def pareto(
         )
         return
     print_front(results, table)
+    if not named.empty:
+        print_named(results, named)
     err.print(f"wrote {csv}, {plot_path} and {heatmap_path}")

@@ -11,9 +11,21 @@ import typer
 from rich.table import Table
 
 from mnm_search.checkpoint import Checkpoint, load_checkpoint
-from mnm_search.cli._common import CkptArg, JsonOpt, err, out, print_json, progress_bar, user_errors
+from mnm_search.cli._common import (
+    CkptArg,
+    JsonOpt,
+    StepOpt,
+    err,
+    family_of,
+    out,
+    print_json,
+    progress_bar,
+    refuse_step,
+    user_errors,
+)
 from mnm_search.config import ModelConfig, param_count
 from mnm_search.errors import ConfigError
+from mnm_search.families import GEMMA3N
 from mnm_search.latency import LatencyModel
 from mnm_search.profiler import profile_checkpoint, write_profile
 from mnm_search.targets import HardwareTarget, default_target, load_target
@@ -30,14 +42,20 @@ def resolve_target(path: Path | None) -> HardwareTarget:
     return default_target() if path is None else load_target(path)
 
 
-def load_profile_for(checkpoint: Checkpoint, path: Path) -> LatencyModel:
+def load_profile_for(checkpoint: Any, path: Path) -> LatencyModel:
     """The latency model in `path`, refused unless it was measured for this checkpoint.
 
+    `checkpoint` is a native `Checkpoint` or a family adapter (anything with `fingerprint`).
     An exported submodel may use its source checkpoint's profile. A hardware mismatch is
     printed as a warning on stderr.
     """
     expected = checkpoint.fingerprint
-    if not checkpoint.config.is_universal and checkpoint.metadata.get("source_fingerprint"):
+    native = isinstance(checkpoint, Checkpoint)
+    if (
+        native
+        and not checkpoint.config.is_universal
+        and checkpoint.metadata.get("source_fingerprint")
+    ):
         expected = str(checkpoint.metadata["source_fingerprint"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -77,21 +95,37 @@ def profile(
         ),
     ] = None,
     as_json: JsonOpt = False,
+    step: StepOpt = None,
 ) -> None:
     """Measure per-layer latency on a hardware target and fit a validated latency model.
 
     Times every layer's FFN at every trained width and the fixed costs, calibrates on
     sampled configurations run as sliced models, and validates on held-out ones next to
-    the noise floor (the same configurations measured twice).
+    the noise floor (the same configurations measured twice). For Gemma 3n, every decoder
+    layer is timed whole at every width step (a dropped layer costs nothing).
 
     Example: mnm profile --target profiles/cpu-decode.yaml --out decode.json --quick
     """
     target = resolve_target(target_path)
     extra = _parse_extra_widths(measure_widths)
-    checkpoint = load_checkpoint(ckpt)
     destination = out_path or Path(f"profile-{target.name}.json")
-    err.print(f"Profiling {target.describe()}", highlight=False)
-    result = profile_with_progress(checkpoint, target, quick=quick, extra_widths=extra)
+    gemma = ckpt is not None and family_of(ckpt) == GEMMA3N
+    if gemma:
+        from mnm_search.cli import _gemma3n
+
+        if extra:
+            raise ConfigError(
+                "--measure-widths applies to native checkpoints; a Gemma 3n profile measures "
+                "every multiple of the width step (see --step)"
+            )
+        err.print(f"Profiling {target.describe()}", highlight=False)
+        assert ckpt is not None
+        _, result = _gemma3n.profile(ckpt, target, quick=quick, allow_skip=True, step=step)
+    else:
+        refuse_step(step)
+        checkpoint = load_checkpoint(ckpt)
+        err.print(f"Profiling {target.describe()}", highlight=False)
+        result = profile_with_progress(checkpoint, target, quick=quick, extra_widths=extra)
     write_profile(result, destination)
     if as_json:
         print_json(
@@ -103,7 +137,10 @@ def profile(
             }
         )
         return
-    print_summary(result, checkpoint.config)
+    if gemma:
+        _gemma3n.print_profile_summary(result)
+    else:
+        print_summary(result, checkpoint.config)
     out.print(f"Wrote {destination} ({result['timing']['seconds']:.1f} s of measurement)")
 
 
@@ -169,7 +206,11 @@ def print_summary(result: dict[str, Any], config: ModelConfig) -> None:
             f"{memory:.1f}",
         )
     out.print(uniform)
+    print_validation(result)
 
+
+def print_validation(result: dict[str, Any]) -> None:
+    """The held-out accuracy of a profile next to the naive table and the noise floor."""
     validation = result["validation"]
     naive, noise = validation["naive"], validation["noise_floor"]
     quality = Table(title=f"Held-out validation ({validation['n']} sliced models)")

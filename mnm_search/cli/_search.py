@@ -17,15 +17,20 @@ from mnm_search.cli._common import (
     CkptArg,
     DataOpt,
     JsonOpt,
+    StepOpt,
     err,
+    family_of,
     out,
     print_json,
     progress_bar,
+    refuse_step,
     user_errors,
 )
-from mnm_search.config import format_widths, parse_widths
+from mnm_search.cli._pareto import LAB_PREFIX
+from mnm_search.config import format_widths, parse_widths, run_length_widths
 from mnm_search.data import load_eval_set
-from mnm_search.errors import ConfigError
+from mnm_search.errors import ConfigError, WidthsError
+from mnm_search.families import GEMMA3N
 from mnm_search.pareto import parse_widths_column
 from mnm_search.space import SearchSpace
 from mnm_search.study import (
@@ -52,14 +57,16 @@ def _objectives(spec: str) -> tuple[str, ...]:
 
 
 def _latency_model(
-    checkpoint: Checkpoint,
+    checkpoint: Any,
     profile: Path | None,
     target: Path | None,
     results_dir: Path,
     *,
     quick_profile: bool,
 ) -> Any:
-    """The latency model from --profile, or from profiling --target (kept for resuming)."""
+    """The latency model from --profile, or from profiling --target (kept for resuming).
+
+    `checkpoint` is a native `Checkpoint` or a loaded Gemma 3n family."""
     from mnm_search.cli._profile import load_profile_for, resolve_target
 
     if profile is not None:
@@ -75,17 +82,22 @@ def _latency_model(
         f"no --profile given: profiling on target {hardware.name} first "
         f"({'quick' if quick_profile else 'full'}; pass --profile FILE.json to skip)"
     )
-    with progress_bar() as progress:
-        task = progress.add_task("profiling", total=None, status="")
+    if isinstance(checkpoint, Checkpoint):
+        with progress_bar() as progress:
+            task = progress.add_task("profiling", total=None, status="")
 
-        def on_progress(event: Any) -> None:
-            progress.update(
-                task, completed=event["done"], total=event["total"], status=event["stage"]
+            def on_progress(event: Any) -> None:
+                progress.update(
+                    task, completed=event["done"], total=event["total"], status=event["stage"]
+                )
+
+            data = profile_checkpoint(
+                checkpoint, hardware, quick=quick_profile, on_progress=on_progress
             )
+    else:
+        from mnm_search.cli import _gemma3n
 
-        data = profile_checkpoint(
-            checkpoint, hardware, quick=quick_profile, on_progress=on_progress
-        )
+        data = _gemma3n.profile_loaded(checkpoint, hardware, quick=quick_profile)
     results_dir.mkdir(parents=True, exist_ok=True)
     write_profile(data, saved)
     return load_profile_for(checkpoint, saved)
@@ -184,6 +196,15 @@ def search(
     quick_profile: Annotated[
         bool, typer.Option("--quick-profile", help="Quick profiling when --target profiles.")
     ] = False,
+    lab_configs: Annotated[
+        Path | None,
+        typer.Option(
+            "--lab-configs",
+            help="MatFormer Lab slicing-config CSV (Gemma 3n): evaluate its named configurations "
+            "too; they are marked on the Pareto plot.",
+        ),
+    ] = None,
+    step: StepOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search Mix'n'Match configurations for the Pareto front of loss vs cost.
@@ -205,15 +226,63 @@ def search(
         cache_mb=cache_mb,
         fidelity_tokens=fidelity_tokens,
     )
-    checkpoint = load_checkpoint(ckpt)
-    config = checkpoint.config
-    space = SearchSpace.from_config(
-        config,
-        allow_skip=allow_skip,
-        interpolate=interpolate,
-        min_widths=parse_widths(min_widths, config) if min_widths else None,
-        max_widths=parse_widths(max_widths, config) if max_widths else None,
-    )
+    checkpoint: Any
+    if ckpt is not None and family_of(ckpt) == GEMMA3N:
+        if settings.needs_memory or settings.needs_agreement:
+            raise ConfigError(
+                "Gemma 3n searches support the objectives loss, latency and params; memory, "
+                "kl and disagreement need a native mnm checkpoint"
+            )
+        if interpolate:
+            raise ConfigError(
+                "--interpolate applies to native checkpoints; Gemma 3n widths are the "
+                "multiples of the width step (choose a finer one with --step)"
+            )
+        from mnm_search.cli import _gemma3n
+        from mnm_search.families import load_gemma3n
+
+        # Profiling here needs the target's dtype; otherwise the stored dtype is kept.
+        needs_profiling = settings.needs_latency and profile is None
+        if needs_profiling:
+            from mnm_search.cli._profile import resolve_target
+
+            checkpoint = _gemma3n.load_for_target(ckpt, resolve_target(target), step=step)
+        else:
+            checkpoint = load_gemma3n(ckpt, step=step)
+        space = checkpoint.search_space(
+            allow_skip=allow_skip,
+            min_widths=checkpoint.parse_widths(min_widths) if min_widths else None,
+            max_widths=checkpoint.parse_widths(max_widths) if max_widths else None,
+        )
+        seq_len = checkpoint.eval_seq_len
+        n_layers = checkpoint.n_layers
+        show_widths = run_length_widths
+    else:
+        refuse_step(step)
+        checkpoint = load_checkpoint(ckpt)
+        config = checkpoint.config
+        space = SearchSpace.from_config(
+            config,
+            allow_skip=allow_skip,
+            interpolate=interpolate,
+            min_widths=parse_widths(min_widths, config) if min_widths else None,
+            max_widths=parse_widths(max_widths, config) if max_widths else None,
+        )
+        seq_len = config.max_seq_len
+        n_layers = config.n_layers
+
+        def show_widths(widths: list[int]) -> str:
+            return format_widths(widths, config)
+
+    named = _lab_configs(lab_configs, n_layers) if lab_configs is not None else []
+    if not isinstance(checkpoint, Checkpoint):
+        for label, widths in named:
+            try:
+                checkpoint.validate_widths(widths)
+            except WidthsError as exc:
+                raise WidthsError(
+                    f"{lab_configs}: {label.removeprefix(LAB_PREFIX)!r}: {exc}"
+                ) from None
     ckpt_name = checkpoint.path.name if checkpoint.path else "checkpoint"
     study_name = study or f"{ckpt_name}-{'-'.join(names)}"
     results_dir = out_dir if out_dir is not None else Path("results") / study_name
@@ -229,7 +298,10 @@ def search(
         memory_target = (
             latency_model.target if latency_model is not None and target is None else None
         ) or resolve_target(target)
-    eval_set = load_eval_set(data, seq_len=config.max_seq_len, max_tokens=max_tokens)
+    if isinstance(checkpoint, Checkpoint):
+        eval_set = load_eval_set(data, seq_len=seq_len, max_tokens=max_tokens)
+    else:
+        eval_set = checkpoint.load_eval_set(data, seq_len=seq_len, max_tokens=max_tokens)
     command = "mnm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["search"] else ""
     run_info = {
         "command": command,
@@ -238,6 +310,8 @@ def search(
         else (str(results_dir / PROFILE_FILE) if latency_model is not None else None),
         "memory_target": memory_target.to_dict() if memory_target is not None else None,
         "data": str(data) if data else "bundled validation text",
+        "lab_configs": str(lab_configs) if lab_configs is not None else None,
+        "step": getattr(checkpoint, "step", None),  # Gemma 3n: export validates with it
     }
 
     with progress_bar(transient=False) as progress:
@@ -278,6 +352,7 @@ def search(
                 run_info=run_info,
                 on_progress=on_progress,
                 on_ready=on_ready,
+                named_configs=named,
             )
         except KeyboardInterrupt:
             progress.stop()
@@ -318,7 +393,7 @@ def search(
         table.add_column(column, justify="right")
     for _, row in front.iterrows():
         widths = parse_widths_column(row["widths"])
-        cells = [str(row["trial"]), format_widths(widths, config)]
+        cells = [str(row["trial"]), show_widths(widths)]
         for column in columns:
             cells.append(_cell(column, row[column]))
         cells.append(str(row.get("source", "")))
@@ -328,6 +403,13 @@ def search(
         f"{result.run_info.get('n_complete')} trials complete ({result.n_new} new, "
         f"{result.seconds:.1f} s) -> {results_dir}/trials.csv, pareto.csv, run.json"
     )
+
+
+def _lab_configs(path: Path, n_layers: int) -> list[tuple[str, list[int]]]:
+    """(source label, widths) of every named configuration in a MatFormer Lab CSV."""
+    from mnm_search.families.matformer_lab import read_matformer_lab_csv
+
+    return [(f"{LAB_PREFIX}{c.name}", c.widths(n_layers)) for c in read_matformer_lab_csv(path)]
 
 
 def _plain(value: Any) -> Any:

@@ -47,9 +47,12 @@ from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 from transformers.utils import logging as hf_logging
 
 from mnm_search.checkpoint import atomic_directory
+from mnm_search.config import expand_widths_spec
 from mnm_search.data import EvalSet, bundled_validation_text, make_eval_set, read_text_data
 from mnm_search.errors import CheckpointError, ConfigError, DataError, ExportError, WidthsError
+from mnm_search.evaluator import CacheStats, Quality
 from mnm_search.families import GEMMA3N, read_config_json
+from mnm_search.space import SearchSpace
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
@@ -82,6 +85,12 @@ _COPY_CHUNK_BYTES = 64 * 2**20  # bounds the temporary memory of loading one (hu
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _ANCHOR = "layers.0.mlp.gate_proj.weight"  # locates the text model inside any checkpoint layout
 _LANGUAGE_MODEL = "model.language_model."  # text model inside multimodal checkpoints
+# Evaluation windows: long enough for real context, short enough for a CPU (E4B's
+# max_position_embeddings is 32768).
+DEFAULT_EVAL_SEQ_LEN = 512
+# Tokens per chunk of the LM head + loss: E4B's 262,144-entry vocabulary makes full logits of
+# one 512-token window 0.5 GB in float32.
+_HEAD_CHUNK = 128
 _KV_ONLY = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
@@ -193,13 +202,16 @@ class Gemma3nFamily:
         dtype: str = "auto",
         step: int | None = None,
         attn_implementation: str = "sdpa",
+        weights: bool = True,
     ) -> Gemma3nFamily:
         """Load a local Gemma 3n checkpoint (CausalLM or the text part of a multimodal one).
 
         Nothing is downloaded. The model is built without initialisation and every tensor is
         copied in chunks straight from the safetensors shards into it, so peak memory is the
         model plus 64 MiB. Vision and audio tensors are never read. `dtype`: `auto` (as
-        stored), `float32`, `bfloat16` or `float16`.
+        stored), `float32`, `bfloat16` or `float16`. `weights=False` reads only the config
+        and the shard headers (the model lives on the meta device): enough for `describe`,
+        widths and parameter counts, instant even for E4B.
         """
         if attn_implementation not in ("sdpa", "eager"):
             raise ConfigError(
@@ -213,9 +225,11 @@ class Gemma3nFamily:
         locations = _tensor_locations(shards)
         prefix = _text_prefix(locations, path)
         torch_dtype = _resolve_dtype(dtype, locations, prefix)
-        with _default_dtype(torch_dtype), no_init_weights():
+        device = torch.device("cpu") if weights else torch.device("meta")
+        with device, _default_dtype(torch_dtype), no_init_weights():
             model = _tied(Gemma3nForCausalLM(config))
-        _fill_from_shards(model, locations, prefix, path)
+        if weights:
+            _fill_from_shards(model, locations, prefix, path)
         return cls(model=model, step=step, path=path, fingerprint=_files_fingerprint(path, shards))
 
     # ------------------------------------------------------------------------ search space
@@ -260,6 +274,68 @@ class Gemma3nFamily:
     @property
     def n_configs(self) -> int:
         return math.prod(len(self.allowed_widths(i)) for i in range(self.n_layers))
+
+    @property
+    def has_weights(self) -> bool:
+        return not self.model.model.embed_tokens.weight.is_meta
+
+    @property
+    def eval_seq_len(self) -> int:
+        return min(DEFAULT_EVAL_SEQ_LEN, int(self.config.max_position_embeddings))
+
+    def parse_widths(self, spec: str | Sequence[int | str]) -> list[int]:
+        """`"8192*20,0*5,16384*10"` (or a list) -> one validated width per layer."""
+        items = expand_widths_spec(spec)
+        if len(items) != self.n_layers:
+            raise WidthsError(
+                f"widths {spec!r} give {len(items)} entries, but the checkpoint has "
+                f"{self.n_layers} layers; write one width per layer (a multiple of {self.step}, "
+                f"0 drops the layer), e.g. {self._stored[0]}*{self.n_layers}"
+            )
+        widths = []
+        for layer, item in enumerate(items):
+            try:
+                widths.append(int(item))
+            except ValueError:
+                raise WidthsError(
+                    f"layer {layer}: width {item!r} is not an integer; Gemma 3n widths are FFN "
+                    f"widths in multiples of {self.step} (0 drops the layer)"
+                ) from None
+        return self.validate_widths(widths)
+
+    def uniform_configs(self) -> dict[str, list[int]]:
+        """Every layer at the same width (each step multiple all layers can take), by name."""
+        top = min(self._stored)
+        return {f"uniform {w}": [w] * self.n_layers for w in range(self.step, top + 1, self.step)}
+
+    def search_space(
+        self,
+        *,
+        allow_skip: bool = False,
+        min_widths: Sequence[int] | None = None,
+        max_widths: Sequence[int] | None = None,
+    ) -> SearchSpace:
+        """Per-layer choices: step multiples, plus 0 (drop) for skippable layers with
+        `allow_skip`. Bounds are inclusive, one per layer; a lower bound above 0 keeps a layer."""
+        bounds = {"min_widths": min_widths, "max_widths": max_widths}
+        for name, values in bounds.items():
+            if values is not None and len(values) != self.n_layers:
+                raise WidthsError(
+                    f"{name} has {len(values)} entries, but the checkpoint has "
+                    f"{self.n_layers} layers"
+                )
+        choices = []
+        for layer in range(self.n_layers):
+            low = min_widths[layer] if min_widths is not None else 0
+            high = max_widths[layer] if max_widths is not None else self._stored[layer]
+            if low > high:
+                raise WidthsError(f"layer {layer}: lower bound {low} is above upper bound {high}")
+            options = [
+                w for w in self.allowed_widths(layer) if low <= w <= high and (w > 0 or allow_skip)
+            ]
+            choices.append(tuple(options))
+        widths = tuple(range(self.step, max(self._stored) + 1, self.step))
+        return SearchSpace(choices=tuple(choices), granularities=widths)
 
     def describe(self) -> dict[str, Any]:
         """Facts for `mnm info`: architecture, search space, parameter counts."""
@@ -385,6 +461,22 @@ class Gemma3nFamily:
         if self._view is not None and self._view[0] == plan.widths:
             return self._view[1]
         self._view = None  # release the previous view before building the next
+        view = self.view_model(plan.widths)
+        self._view = (plan.widths, view)
+        return view
+
+    def view_model(self, widths: Sequence[int]) -> Gemma3nForCausalLM:
+        """A new (uncached) in-place sliced model for `widths`; see `sliced_model`.
+
+        Several views can live at once (profiling times them interleaved): they share the
+        loaded weights, so each costs only its small PLE projection copy when it skips layers.
+        """
+        if not self.has_weights:
+            raise ConfigError(
+                "this Gemma 3n checkpoint was loaded without weights (weights=False); "
+                "load it with weights to run or export it"
+            )
+        plan = self._plan(widths)
         config = self._sliced_config(plan)
         with torch.device("meta"), _default_dtype(self.dtype), no_init_weights():
             view = _tied(Gemma3nForCausalLM(config))
@@ -413,7 +505,6 @@ class Gemma3nFamily:
         if tied:
             view.lm_head.weight = view.model.embed_tokens.weight
         view.eval().requires_grad_(False)
-        self._view = (plan.widths, view)
         return view
 
     @torch.inference_mode()
@@ -521,20 +612,32 @@ class Gemma3nFamily:
 
     @torch.inference_mode()
     def evaluate_loss(
-        self, widths: Sequence[int], eval_set: EvalSet, *, batch_size: int = 8
+        self, widths: Sequence[int], eval_set: EvalSet, *, batch_size: int = 4
     ) -> float:
-        """Mean next-token cross-entropy (nats/token) of the configuration on `eval_set`."""
+        """Mean next-token cross-entropy (nats/token) of the configuration on `eval_set`.
+
+        The LM head and the loss run in chunks of tokens, so memory stays bounded by the
+        hidden states, not by full-vocabulary logits.
+        """
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         model = self.sliced_model(widths)
+        device = model.lm_head.weight.device
+        cap = self.config.final_logit_softcapping
         total, count = 0.0, 0
         for start in range(0, eval_set.inputs.shape[0], batch_size):
-            inputs = eval_set.inputs[start : start + batch_size]
-            targets = eval_set.targets[start : start + batch_size]
-            logits = model(input_ids=inputs, use_cache=_USE_CACHE).logits.float()
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-            total += loss.item()
-            count += targets.numel()
+            inputs = eval_set.inputs[start : start + batch_size].to(device)
+            targets = eval_set.targets[start : start + batch_size].to(device)
+            hidden = model.model(input_ids=inputs, use_cache=_USE_CACHE).last_hidden_state
+            for t in range(0, hidden.shape[1], _HEAD_CHUNK):
+                # As Gemma3nForCausalLM.forward computes logits, one chunk at a time.
+                logits = model.lm_head(hidden[:, t : t + _HEAD_CHUNK]).float()  # [B, c, vocab]
+                if cap is not None:
+                    logits = torch.tanh(logits / cap) * cap
+                chunk = targets[:, t : t + _HEAD_CHUNK]
+                loss = F.cross_entropy(logits.flatten(0, 1), chunk.flatten(), reduction="sum")
+                total += loss.item()
+                count += chunk.numel()
         return total / count
 
     # ------------------------------------------------------------------------------ export
@@ -688,6 +791,30 @@ class Gemma3nFamily:
             "probe_tokens": int(probe.numel()),
             "transformers": transformers.__version__,
         }
+
+
+class Gemma3nEvaluator:
+    """Loss of Gemma 3n configurations on one eval set, for `run_search`.
+
+    Unlike the native MatLM's evaluator it caches no hidden states: Gemma 3n's AltUp streams
+    and per-layer inputs make prefix reuse model-specific, and a real checkpoint's trials are
+    dominated by the forward pass either way. The study itself never evaluates a
+    configuration twice.
+    """
+
+    def __init__(self, family: Gemma3nFamily, eval_set: EvalSet, *, batch_size: int = 4) -> None:
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        self.family = family
+        self.eval_set = eval_set
+        self.batch_size = batch_size
+        self.stats = CacheStats()
+
+    def evaluate(self, widths: Sequence[int]) -> Quality:
+        self.stats.evaluations += 1
+        self.stats.layer_runs += sum(1 for w in widths if w) * self.eval_set.inputs.shape[0]
+        loss = self.family.evaluate_loss(widths, self.eval_set, batch_size=self.batch_size)
+        return Quality(loss=loss)
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -1,0 +1,130 @@
+"""Export of Gemma 3n configurations as verified Hugging Face checkpoints, with measurements.
+
+`Gemma3nFamily.export_hf` writes and verifies one directory; this adds what `mnm export`
+records next to it (loss on the user's data, predicted latency, the search trial) and the
+all-or-nothing export of a whole Pareto front.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mnm_search.checkpoint import atomic_directory
+from mnm_search.config import run_length_widths
+from mnm_search.data import EvalSet
+from mnm_search.errors import ExportError
+from mnm_search.families.gemma3n import EXPORT_INFO_FILE, Gemma3nFamily
+from mnm_search.latency import LatencyModel
+
+Progress = Callable[[str], None]
+
+
+def export_gemma3n(
+    family: Gemma3nFamily,
+    members: Sequence[tuple[int | None, Sequence[int]]],
+    out: str | Path,
+    *,
+    eval_set: EvalSet | None = None,
+    data_name: str = "bundled validation text",
+    latency_model: LatencyModel | None = None,
+    provenance: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "2GB",
+    on_progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Export `(trial, widths)` members as HF checkpoints; one member goes to `out` itself,
+    several to `out/trial-NNNN/` plus `out/front.csv` (all or nothing). Returns one report
+    (what `mnm.json` records) per member."""
+    if not members:
+        raise ExportError("nothing to export: the front is empty")
+    for _, widths in members:
+        family.validate_widths(list(widths))
+    progress = on_progress or (lambda message: None)
+    options: dict[str, Any] = {
+        "eval_set": eval_set,
+        "data_name": data_name,
+        "latency_model": latency_model,
+        "provenance": provenance,
+        "max_shard_size": max_shard_size,
+        "progress": progress,
+    }
+    out = Path(out)
+    if len(members) == 1:
+        trial, widths = members[0]
+        return [_export_one(family, trial, widths, out, overwrite=overwrite, **options)]
+    reports = []
+    try:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            for index, (trial, widths) in enumerate(members):
+                name = f"trial-{trial:04d}" if trial is not None else f"member-{index}"
+                progress(f"[{index + 1}/{len(members)}] {name}")
+                report = _export_one(family, trial, widths, tmp / name, **options)
+                reports.append({**report, "path": str(out / name)})
+            pd.DataFrame([_summary_row(r) for r in reports]).to_csv(tmp / "front.csv", index=False)
+    except OSError as exc:
+        raise ExportError(f"writing {out} failed ({exc}); nothing was written") from exc
+    return reports
+
+
+def _export_one(
+    family: Gemma3nFamily,
+    trial: int | None,
+    widths: Sequence[int],
+    out: Path,
+    *,
+    eval_set: EvalSet | None,
+    data_name: str,
+    latency_model: LatencyModel | None,
+    provenance: dict[str, Any] | None,
+    max_shard_size: int | str,
+    progress: Progress,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    widths = list(widths)
+    compact = run_length_widths(widths)
+    metadata: dict[str, Any] = {"widths_compact": compact, "trial": trial, **(provenance or {})}
+    # Measured on the in-place sliced model before writing: export_hf verifies that the
+    # written checkpoint computes the same logits.
+    if eval_set is not None:
+        progress(f"evaluating {compact} on {eval_set.n_tokens:,} tokens")
+        loss = family.evaluate_loss(widths, eval_set)
+        metadata["quality"] = {
+            "loss": round(loss, 6),
+            "perplexity": round(math.exp(loss), 4),
+            "eval_tokens": eval_set.n_tokens,
+            "data": data_name,
+        }
+    if latency_model is not None:
+        metadata["latency"] = {
+            "target": latency_model.target.to_dict(),
+            "predicted_ms": round(latency_model.predict_ms(widths), 4),
+        }
+    progress(f"writing and verifying {compact}")
+    try:
+        family.export_hf(
+            widths, out, overwrite=overwrite, metadata=metadata, max_shard_size=max_shard_size
+        )
+    except OSError as exc:
+        raise ExportError(f"writing {out} failed ({exc}); nothing was written") from exc
+    return {"path": str(out), **json.loads((out / EXPORT_INFO_FILE).read_text())}
+
+
+def _summary_row(report: dict[str, Any]) -> dict[str, Any]:
+    quality = report.get("quality") or {}
+    latency = report.get("latency") or {}
+    return {
+        "directory": Path(report["path"]).name,
+        "trial": report.get("trial"),
+        "widths": ",".join(map(str, report["widths"])),
+        "loss": quality.get("loss"),
+        "params": report["params"],
+        "effective_params": report["effective_params"],
+        "predicted_ms": latency.get("predicted_ms"),
+        "max_abs_logit_diff": report["verification"].get("max_abs_logit_diff"),
+    }

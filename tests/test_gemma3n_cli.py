@@ -1,0 +1,222 @@
+"""Gemma 3n end to end through the command line: info, eval, profile, search, pareto, export.
+
+Every checkpoint is a tiny random Gemma 3n written by transformers in the test itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+from gemma3n_models import CONSUMERS, PRODUCERS, save_tiny_checkpoint  # noqa: E402
+
+from mnm_search.cli import app  # noqa: E402
+from mnm_search.families.gemma3n import Gemma3nFamily  # noqa: E402
+
+runner = CliRunner()
+FIXTURES = Path(__file__).parent / "fixtures"
+FAST = ["--max-tokens", "512"]
+TARGET_YAML = (
+    "device: cpu\nphase: prefill\nseq_len: 16\nrepeats: 3\nwarmup: 1\n"
+    "calibration: 8\nvalidation: 4\n"
+)
+
+
+def _invoke(args: list[str]):  # type: ignore[no-untyped-def]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def _json(args: list[str]) -> dict:
+    result = _invoke([*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(TARGET_YAML)
+    return tmp_path
+
+
+@pytest.fixture
+def ckpt(workdir: Path) -> Path:
+    return save_tiny_checkpoint(workdir / "gemma3n-tiny")
+
+
+# ------------------------------------------------------------------------------ info, eval
+
+
+def test_info_describes_the_search_space(ckpt: Path) -> None:
+    data = _json(["info", ckpt])
+    assert data["family"] == "gemma3n"
+    assert data["n_layers"] == 6 and data["step"] == 64
+    assert data["kv_producer_layers"] == PRODUCERS
+    assert data["skippable_layers"] == [0, 1, *CONSUMERS]
+    assert data["n_configs"] == {"mix_n_match": 4**6, "with_skips": 5**4 * 4**2}
+    family = Gemma3nFamily.load(ckpt)
+    assert data["params"] == family.param_count() == sum(p.numel() for p in family.model.parameters())
+    assert data["params_uniform"]["uniform 64"] == family.param_count([64] * 6)
+    assert data["fingerprint"] == family.fingerprint
+    table = _invoke(["info", ckpt])
+    assert table.exit_code == 0 and "KV producers" in table.output
+
+
+def test_info_with_a_coarser_step(ckpt: Path) -> None:
+    assert _json(["info", ckpt, "--step", "128"])["n_configs"]["mix_n_match"] == 2**6
+    result = _invoke(["info", ckpt, "--step", "96"])
+    assert result.exit_code == 1 and "step=96 does not divide" in result.output
+
+
+def test_eval_matches_the_library(ckpt: Path) -> None:
+    widths = [128, 64, 256, 192, 0, 64]
+    data = _json(["eval", ckpt, "--widths", ",".join(map(str, widths)), *FAST])
+    family = Gemma3nFamily.load(ckpt)
+    eval_set = family.load_eval_set(None, seq_len=family.eval_seq_len, max_tokens=512)
+    assert data["widths"] == widths and data["skipped_layers"] == [4]
+    assert data["loss"] == pytest.approx(family.evaluate_loss(widths, eval_set), abs=1e-5)
+    assert data["params"] == family.param_count(widths)
+    assert data["tokenizer"] == "bytes" and data["n_tokens"] == eval_set.n_tokens
+
+
+def test_chunked_loss_equals_full_logits(ckpt: Path) -> None:
+    """The chunked LM head + loss computes what transformers' logits give."""
+    family = Gemma3nFamily.load(ckpt)
+    widths = [256, 128, 64, 128, 0, 256]
+    eval_set = family.load_eval_set(None, seq_len=family.eval_seq_len, max_tokens=512)
+    logits = family.logits(eval_set.inputs, widths).float()
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), eval_set.targets.flatten())
+    assert family.evaluate_loss(widths, eval_set, batch_size=2) == pytest.approx(
+        expected.item(), abs=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("widths", "message"),
+    [
+        ("100*6", "layer 0: width 100 is not a multiple of the step 64; use 64 or 128"),
+        ("128,128,0,128,128,128", "layer 2 cannot be skipped: it produces the KV cache"),
+        ("128*5", "give 5 entries, but the checkpoint has 6 layers"),
+        ("S*6", "layer 0: width 'S' is not an integer"),
+        ("512*6", "layer 0: width 512 is outside [0, 256]"),
+    ],
+)
+def test_eval_bad_widths(ckpt: Path, widths: str, message: str) -> None:
+    result = _invoke(["eval", ckpt, "--widths", widths])
+    assert result.exit_code == 1
+    assert message in " ".join(result.output.split())
+
+
+def test_unsupported_family_lists_what_is_supported(workdir: Path) -> None:
+    llama = workdir / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    )
+    for command in (["info", llama], ["eval", llama], ["search", llama], ["profile", llama]):
+        result = _invoke(command)
+        assert result.exit_code == 1, command
+        text = " ".join(result.output.split())
+        assert "unsupported model family (model_type 'llama'" in text
+        assert "gemma3n: Gemma 3n via transformers" in text and "matlm: native" in text
+
+
+def test_missing_shard_is_a_clear_error(ckpt: Path) -> None:
+    shard = sorted(ckpt.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    result = _invoke(["eval", ckpt, *FAST])
+    assert result.exit_code == 1
+    assert shard.name in result.output and "missing" in result.output.lower()
+
+
+def test_native_only_options_are_refused(ckpt: Path, tiny_checkpoint: Path) -> None:
+    result = _invoke(["info", tiny_checkpoint, "--step", "64"])
+    assert result.exit_code == 1 and "--step applies to Gemma 3n" in result.output
+    result = _invoke(["search", ckpt, "--objectives", "loss,memory", "--target", "tiny.yaml"])
+    assert result.exit_code == 1 and "memory" in result.output and "native" in result.output
+    result = _invoke(["search", ckpt, "--objectives", "loss,params", "--interpolate", "1"])
+    assert result.exit_code == 1 and "--interpolate applies to native" in result.output
+    result = _invoke(["export", ckpt, "--widths", "64*6", "--out", "x", "--format", "onnx"])
+    assert result.exit_code == 1 and "exports as --format hf" in result.output
+    assert not Path("x").exists()
+
+
+# --------------------------------------------------------------- search, pareto and export
+
+
+def test_search_with_matformer_lab_configs_then_pareto_and_export(ckpt: Path) -> None:
+    lab = FIXTURES / "matformer_lab_tiny.csv"
+    search = _json(
+        [
+            "search", ckpt, "--objectives", "loss,params", "--trials", "14", "--sampler", "tpe",
+            "--allow-skip", "--lab-configs", lab, "--out", "res", *FAST,
+        ]
+    )  # fmt: skip
+    assert search["n_complete"] == 14
+    trials = __import__("pandas").read_csv("res/trials.csv")
+    sources = list(trials["source"])
+    assert sources[:3] == ["lab: Full", "lab: Half, consumers skipped", "lab: Mixed"]
+    assert "uniform 64" in sources and "uniform 256" in sources
+    assert trials.loc[2, "widths"] == "128,0,192,256,64,0"  # Mixed: layers 1 and 5 skipped
+    family = Gemma3nFamily.load(ckpt)
+    assert trials.loc[2, "params"] == family.param_count([128, 0, 192, 256, 64, 0])
+
+    pareto = _json(["pareto", "res"])
+    named = {row["name"]: row for row in pareto["named_configs"]}
+    assert set(named) == {"Full", "Half, consumers skipped", "Mixed"}
+    assert named["Full"]["params"] == family.param_count()
+    assert Path("res/pareto.png").stat().st_size > 10_000
+
+    best = min(pareto["front"], key=lambda row: row["loss"])
+    report = _json(
+        ["export", "--from", "res", "--trial", best["trial"], "--out", "best", *FAST]
+    )
+    assert report["verification"]["verified"] and report["trial"] == best["trial"]
+    assert report["quality"]["loss"] == pytest.approx(best["loss"], abs=1e-5)
+    config = json.loads(Path("best/config.json").read_text())
+    kept = [w for w in best["widths"] if w]
+    assert config["intermediate_size"] == kept and config["num_hidden_layers"] == len(kept)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained("best").eval()
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+    assert torch.allclose(got, family.logits(ids, best["widths"]), atol=1e-5)
+
+    front = _json(["export", "--from", "res", "--all-pareto", "--out", "front", *FAST])
+    assert len(front["exports"]) == len(pareto["front"])
+    summary = __import__("pandas").read_csv("front/front.csv")
+    assert sorted(summary["trial"]) == sorted(row["trial"] for row in pareto["front"])
+
+
+def test_lab_config_that_skips_needs_allow_skip(ckpt: Path) -> None:
+    lab = FIXTURES / "matformer_lab_tiny.csv"
+    result = _invoke(
+        ["search", ckpt, "--objectives", "loss,params", "--trials", "3", "--lab-configs", lab]
+    )
+    assert result.exit_code == 1
+    assert "'lab: Half, consumers skipped'" in result.output and "--allow-skip" in result.output
+
+
+def test_lab_config_for_another_model_is_refused(ckpt: Path) -> None:
+    result = _invoke(
+        [
+            "search", ckpt, "--objectives", "loss,params", "--trials", "3", "--allow-skip",
+            "--lab-configs", FIXTURES / "matformer_lab_e4b.csv",
+        ]
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "but the checkpoint has 6 layers" in " ".join(result.output.split())
+
+
+def test_export_of_a_checkpoint_other_than_the_searched_one(ckpt: Path, workdir: Path) -> None:
+    _json(["search", ckpt, "--objectives", "loss,params", "--trials", "3", "--out", "res", *FAST])
+    other = save_tiny_checkpoint(workdir / "other", seed=1)
+    result = _invoke(["export", other, "--from", "res", "--trial", "0", "--out", "x"])
+    assert result.exit_code == 1 and "its widths and losses do not apply" in result.output
