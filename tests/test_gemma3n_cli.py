@@ -62,7 +62,8 @@ def test_info_describes_the_search_space(ckpt: Path) -> None:
     assert data["skippable_layers"] == [0, 1, *CONSUMERS]
     assert data["n_configs"] == {"mix_n_match": 4**6, "with_skips": 5**4 * 4**2}
     family = Gemma3nFamily.load(ckpt)
-    assert data["params"] == family.param_count() == sum(p.numel() for p in family.model.parameters())
+    stored = sum(p.numel() for p in family.model.parameters())
+    assert data["params"] == family.param_count() == stored
     assert data["params_uniform"]["uniform 64"] == family.param_count([64] * 6)
     assert data["fingerprint"] == family.fingerprint
     table = _invoke(["info", ckpt])
@@ -175,9 +176,7 @@ def test_search_with_matformer_lab_configs_then_pareto_and_export(ckpt: Path) ->
     assert Path("res/pareto.png").stat().st_size > 10_000
 
     best = min(pareto["front"], key=lambda row: row["loss"])
-    report = _json(
-        ["export", "--from", "res", "--trial", best["trial"], "--out", "best", *FAST]
-    )
+    report = _json(["export", "--from", "res", "--trial", best["trial"], "--out", "best", *FAST])
     assert report["verification"]["verified"] and report["trial"] == best["trial"]
     assert report["quality"]["loss"] == pytest.approx(best["loss"], abs=1e-5)
     config = json.loads(Path("best/config.json").read_text())
@@ -220,3 +219,29 @@ def test_export_of_a_checkpoint_other_than_the_searched_one(ckpt: Path, workdir:
     other = save_tiny_checkpoint(workdir / "other", seed=1)
     result = _invoke(["export", other, "--from", "res", "--trial", "0", "--out", "x"])
     assert result.exit_code == 1 and "its widths and losses do not apply" in result.output
+
+
+def test_profile_then_latency_search_eval_and_export(ckpt: Path) -> None:
+    result = _invoke(["profile", ckpt, "--target", "tiny.yaml", "--quick", "--out", "p.json"])
+    assert result.exit_code == 0, result.output
+    profile = json.loads(Path("p.json").read_text())
+    assert profile["checkpoint"]["family"] == "gemma3n"
+    assert profile["latency_model"]["measured_widths"] == [64, 128, 192, 256]
+    widths = "128,128,256,256,0,64"
+    evaluated = _json(["eval", ckpt, "--widths", widths, "--profile", "p.json", *FAST])
+    assert evaluated["latency_ms"] > 0
+    search = _json(
+        [
+            "search", ckpt, "--profile", "p.json", "--trials", "8", "--sampler", "random",
+            "--allow-skip", "--out", "res", *FAST,
+        ]
+    )  # fmt: skip
+    assert all(row["latency_ms"] > 0 for row in search["pareto"])
+    trial = search["pareto"][0]["trial"]
+    report = _json(["export", "--from", "res", "--trial", trial, "--out", "fast", *FAST])
+    assert report["latency"]["predicted_ms"] == pytest.approx(
+        search["pareto"][0]["latency_ms"], rel=1e-3
+    )
+    other = save_tiny_checkpoint(Path("other"), seed=2)
+    refused = _invoke(["eval", other, "--profile", "p.json", *FAST])
+    assert refused.exit_code == 1 and "profile this checkpoint" in refused.output

@@ -88,9 +88,9 @@ _LANGUAGE_MODEL = "model.language_model."  # text model inside multimodal checkp
 # Evaluation windows: long enough for real context, short enough for a CPU (E4B's
 # max_position_embeddings is 32768).
 DEFAULT_EVAL_SEQ_LEN = 512
-# Tokens per chunk of the LM head + loss: E4B's 262,144-entry vocabulary makes full logits of
-# one 512-token window 0.5 GB in float32.
-_HEAD_CHUNK = 128
+# Tokens per chunk of the LM head + loss: E4B's 262,144-entry vocabulary makes the float32
+# logits of one 512-token window 0.5 GB; a chunk of 64 tokens is 64 MiB.
+_HEAD_CHUNK = 64
 _KV_ONLY = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
@@ -133,7 +133,8 @@ class _KeptLayersEmbedding(nn.Module):
         self.full = full
         self.n_layers = n_layers
         self.width = width
-        self.register_buffer("kept", torch.tensor(list(kept), dtype=torch.long), persistent=False)
+        kept_index = torch.tensor(list(kept), dtype=torch.long, device=full.weight.device)
+        self.register_buffer("kept", kept_index, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         blocks = self.full(input_ids).unflatten(-1, (self.n_layers, self.width))
@@ -629,14 +630,15 @@ class Gemma3nFamily:
             inputs = eval_set.inputs[start : start + batch_size].to(device)
             targets = eval_set.targets[start : start + batch_size].to(device)
             hidden = model.model(input_ids=inputs, use_cache=_USE_CACHE).last_hidden_state
-            for t in range(0, hidden.shape[1], _HEAD_CHUNK):
-                # As Gemma3nForCausalLM.forward computes logits, one chunk at a time.
-                logits = model.lm_head(hidden[:, t : t + _HEAD_CHUNK]).float()  # [B, c, vocab]
+            hidden = hidden.flatten(0, 1)  # [B * T, hidden]
+            flat_targets = targets.flatten()  # [B * T]
+            for row in range(0, hidden.shape[0], _HEAD_CHUNK):
+                # As Gemma3nForCausalLM.forward computes logits, one chunk of tokens at a time.
+                logits = model.lm_head(hidden[row : row + _HEAD_CHUNK]).float()  # [c, vocab]
                 if cap is not None:
                     logits = torch.tanh(logits / cap) * cap
-                chunk = targets[:, t : t + _HEAD_CHUNK]
-                loss = F.cross_entropy(logits.flatten(0, 1), chunk.flatten(), reduction="sum")
-                total += loss.item()
+                chunk = flat_targets[row : row + _HEAD_CHUNK]
+                total += F.cross_entropy(logits, chunk, reduction="sum").item()
                 count += chunk.numel()
         return total / count
 

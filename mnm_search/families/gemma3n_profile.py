@@ -1,0 +1,638 @@
+"""Latency profile of a Gemma 3n checkpoint on a hardware target.
+
+Writes the same profile JSON as the native profiler (`mnm_search.profiler.profile_checkpoint`),
+so `LatencyModel.from_profile` loads it and predicts any Gemma 3n configuration. The table
+means something slightly different, because a Gemma 3n configuration drops whole decoder
+layers (width 0), never FFNs alone:
+
+- `ffn_ms[layer][j]` is the time of the WHOLE decoder layer `layer` (attention, AltUp, Laurel,
+  per-layer-embedding glue and FFN) when its FFN width is `measured_widths[j]`, so a dropped
+  layer (width 0) correctly costs nothing;
+- `fixed_ms` is everything outside the decoder layers (embeddings, per-layer-embedding
+  projection, AltUp projections, final norm, LM head).
+
+Layer times are measured in situ: whole in-place sliced models (`Gemma3nFamily.view_model`,
+sharing the loaded weights) run transformers' own forward while forward hooks on every
+decoder layer read the clock. That needs nothing from the decoder layer's call signature,
+which differs between transformers 4.x and 5.x. The least-squares calibration on measured
+end-to-end latencies and the held-out validation (measured twice, for the noise floor) are
+the native profiler's.
+
+Decode targets keep a KV cache of `context_len` tokens per model; every timed call appends
+`seq_len` tokens and crops them off again, so each call measures the same decode step. That
+roll-back is checked against a full forward before anything is timed.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from functools import partial
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from mnm_search.errors import ConfigError, ProfileError
+from mnm_search.families.gemma3n import _USE_CACHE, Gemma3nFamily
+from mnm_search.latency import PROFILE_FORMAT, PROFILE_VERSION, LatencyModel, validation_metrics
+from mnm_search.profiler import (
+    TORCH_DTYPES,
+    Clock,
+    ProgressFn,
+    TimingStats,
+    _json_safe,
+    _Stage,
+    pinned_threads,
+    select_device,
+    time_interleaved,
+)
+from mnm_search.targets import HardwareTarget, machine_facts
+
+# Stage names of the progress events, in order (the native profiler's, which the CLI shows).
+STAGES = ("per-layer table", "calibration", "validation pass 1/2", "validation pass 2/2")
+# Share of skippable layers dropped in sampled configurations: enough for the calibration to
+# see dropped layers, few enough that most samples stay close to a real sub-model.
+SKIP_PROBABILITY = 0.1
+TABLE_MEANING = "whole decoder layer time at that FFN width; 0 = layer dropped"
+Runner = Callable[[], object]
+
+
+def profile_gemma3n(
+    family: Gemma3nFamily,
+    target: HardwareTarget,
+    *,
+    quick: bool = False,
+    allow_skip: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Measure, calibrate and validate a latency model of a Gemma 3n checkpoint on `target`.
+
+    The family's model must already be on the target's device and in its dtype (it is never
+    copied: a real E4B must not be held twice). `allow_skip` lets calibration and validation
+    configurations drop skippable layers (turn it off when the search keeps every layer).
+    `quick` trims repeats and sample sizes for a first look. `on_progress` receives
+    `{"stage", "done", "total"}` events (stages in `STAGES`). Returns the profile JSON as a
+    dict; write it with `profiler.write_profile`.
+    """
+    device = _check_target(family, target)
+    facts = machine_facts(target)
+    repeats = max(5, target.repeats // 2) if quick else target.repeats
+    n_calibration = min(target.calibration, 12) if quick else target.calibration
+    n_validation = min(target.validation, 10) if quick else target.validation
+    widths = table_widths(family)
+    warmup = max(1, target.warmup)  # the first call of a fresh model is never representative
+    rng = random.Random(target.seed)
+    started = time.perf_counter()
+
+    with pinned_threads(target.threads), torch.inference_mode():
+        decode_check = _check_decode(family, target, device) if target.phase == "decode" else None
+
+        # 1. Whole decoder layers timed in situ, one model per table width, interleaved.
+        uniform = [capped_widths(family, w) for w in widths]
+        stage = _Stage(on_progress, STAGES[0], repeats)
+        layer_stats, total_stats, outside_stats = _time_layers(
+            family,
+            target,
+            device,
+            uniform,
+            repeats=repeats,
+            warmup=warmup,
+            seed=target.seed,
+            on_round=stage,
+        )
+        per_layer = _table_stats(family, widths, layer_stats)
+        # The full model is the widest table model: its time outside the layers is fixed.
+        fixed = outside_stats[-1]
+        latency = LatencyModel(
+            target=target,
+            fingerprint=family.fingerprint,
+            d_ff=max(family.stored_widths),
+            measured_widths=widths,
+            # More FFN neurons never cost less: noise that says otherwise would let the search
+            # take a wider layer for free, so each row is made non-decreasing.
+            ffn_ms=[nondecreasing([s.median_ms for s in row]) for row in per_layer],
+            fixed_ms=max(0.0, fixed.median_ms),
+        )
+
+        # 2. Calibration on end-to-end latencies: the uniform models anchor both ends, the
+        # skip anchors the cost of a dropped layer.
+        anchors = uniform + (skip_anchors(family) if allow_skip else [])
+        calibration = anchors + sample_gemma3n_configs(
+            family,
+            max(0, n_calibration - len(anchors)),
+            rng,
+            allow_skip=allow_skip,
+            exclude=anchors,
+        )
+        stage = _Stage(on_progress, STAGES[1], repeats)
+        calibration_stats = _measure_configs(
+            family,
+            target,
+            device,
+            calibration,
+            repeats=repeats,
+            seed=target.seed + 1,
+            on_round=stage,
+        )
+        latency.fit([(w, s.median_ms) for w, s in zip(calibration, calibration_stats)])
+
+        # 3. Held-out validation, measured in two independent passes for the noise floor.
+        validation = sample_gemma3n_configs(
+            family, n_validation, rng, allow_skip=allow_skip, exclude=calibration
+        )
+        if len(validation) < 3:
+            raise ProfileError(
+                f"only {len(validation)} configuration(s) of this checkpoint are left for "
+                f"validation after {len(calibration)} calibration ones; lower the target's "
+                f"'calibration' ({target.calibration}) or profile a model with more choices"
+            )
+        passes = []
+        for index in (1, 2):
+            stage = _Stage(on_progress, STAGES[1 + index], repeats)
+            passes.append(
+                _measure_configs(
+                    family,
+                    target,
+                    device,
+                    validation,
+                    repeats=repeats,
+                    seed=target.seed + 1 + index,
+                    on_round=stage,
+                )
+            )
+
+    calibration_pred = [latency.predict_ms(w) for w in calibration]
+    return _json_safe(
+        {
+            "format": PROFILE_FORMAT,
+            "version": PROFILE_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "quick": quick,
+            "target": target.to_dict(),
+            "device": facts,
+            "checkpoint": {
+                "family": family.name,
+                "fingerprint": family.fingerprint,
+                "path": str(family.path) if family.path else None,
+                "n_layers": family.n_layers,
+                "d_ff": max(family.stored_widths),
+                "step": family.step,
+                "stored_widths": family.stored_widths,
+                "kv_producer_layers": family.kv_producer_layers,
+                "skippable_layers": family.skippable_layers,
+            },
+            "timing": {
+                "statistic": "median",
+                "repeats": repeats,
+                "table_repeats": repeats,
+                "warmup": warmup,
+                "interleaved": True,
+                "rewarm_before_each_sample": True,
+                "clock": "cuda events + synchronize" if device.type == "cuda" else "perf_counter",
+                "table_clock": "perf_counter in forward hooks on every decoder layer"
+                + (" (synchronized)" if device.type == "cuda" else ""),
+                "allow_skip": allow_skip,
+                "transformers": transformers.__version__,
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+            "decode_check": decode_check,
+            "fixed_costs_ms": {
+                "outside_layers": fixed.to_dict(),
+                "full_forward": total_stats[-1].to_dict(),
+            },
+            "ffn_table": {
+                "widths": widths,
+                "per_layer": [
+                    {str(w): s.to_dict() for w, s in zip(widths, row)} for row in per_layer
+                ],
+                "meaning": TABLE_MEANING,
+                "latency_model_rows": "these medians made non-decreasing in width (pool "
+                "adjacent violators)",
+                "above_stored_width": "repeats the layer's time at its stored width "
+                "(such widths are never queried)",
+            },
+            "latency_model": latency.to_dict(),
+            "calibration": {
+                "n": len(calibration),
+                "fit": validation_metrics(
+                    [s.median_ms for s in calibration_stats], calibration_pred
+                ),
+                "samples": [
+                    {
+                        "widths": w,
+                        "measured_ms": round(s.median_ms, 6),
+                        "predicted_ms": round(p, 6),
+                        "p10_ms": round(s.p10_ms, 6),
+                        "p90_ms": round(s.p90_ms, 6),
+                    }
+                    for w, s, p in zip(calibration, calibration_stats, calibration_pred)
+                ],
+            },
+            "validation": _validation_block(latency, validation, passes),
+        }
+    )
+
+
+# ------------------------------------------------------------------------ configurations
+
+
+def table_widths(family: Gemma3nFamily) -> list[int]:
+    """Every multiple of the family's step up to the widest stored FFN: the table's widths."""
+    return list(range(family.step, max(family.stored_widths) + 1, family.step))
+
+
+def capped_widths(family: Gemma3nFamily, width: int) -> list[int]:
+    """Every layer at `width`, or at its stored width where that is smaller."""
+    return [min(width, stored) for stored in family.stored_widths]
+
+
+def skip_anchors(family: Gemma3nFamily) -> list[list[int]]:
+    """The narrowest and the widest uniform model with every other skippable layer dropped.
+
+    Randomly sampled configurations drop few layers; without these two the fit can hardly
+    tell a layer's width-independent cost (attention, AltUp, Laurel, PLE: most of a narrow
+    layer's time) from the constant, and prices dropping a layer at little more than its FFN.
+    """
+    dropped = set(family.skippable_layers[::2])
+    widths = table_widths(family)
+    anchors = []
+    for width in dict.fromkeys((widths[0], widths[-1])):
+        config = [0 if i in dropped else w for i, w in enumerate(capped_widths(family, width))]
+        if any(config):
+            anchors.append(config)
+    return anchors
+
+
+def sample_gemma3n_configs(
+    family: Gemma3nFamily,
+    n: int,
+    rng: random.Random,
+    *,
+    allow_skip: bool = True,
+    exclude: Sequence[Sequence[int]] = (),
+) -> list[list[int]]:
+    """Up to `n` distinct valid configurations spread from small to large.
+
+    As `profiler.sample_configs`: each draws a size level, then every layer a width near it,
+    so totals cover the whole range instead of clustering in the middle. Widths are capped at
+    each layer's stored width; with `allow_skip`, skippable layers are dropped (0) with
+    probability `SKIP_PROBABILITY`.
+    """
+    choices = table_widths(family)
+    skippable = set(family.skippable_layers) if allow_skip else set()
+    seen = {tuple(w) for w in exclude}
+    configs: list[list[int]] = []
+    for _ in range(200 * n):
+        if len(configs) == n:
+            break
+        level = rng.uniform(0, len(choices) - 1)
+        candidate = []
+        for layer, stored in enumerate(family.stored_widths):
+            if layer in skippable and rng.random() < SKIP_PROBABILITY:
+                candidate.append(0)
+                continue
+            index = min(len(choices) - 1, max(0, round(rng.gauss(level, 0.8))))
+            candidate.append(min(choices[index], stored))
+        # Without KV sharing every layer is skippable, and a model needs at least one layer.
+        if any(candidate) and tuple(candidate) not in seen:
+            seen.add(tuple(candidate))
+            configs.append(candidate)
+    return configs
+
+
+# ---------------------------------------------------------------------------- the target
+
+
+def _check_target(family: Gemma3nFamily, target: HardwareTarget) -> torch.device:
+    """The target's device, after checking that the loaded model can run the target as is."""
+    if not family.has_weights:
+        raise ConfigError(
+            "this Gemma 3n checkpoint was loaded without weights (weights=False); load it with "
+            "weights to profile it"
+        )
+    limit = int(family.config.max_position_embeddings)
+    if target.total_len > limit:
+        raise ConfigError(
+            f"target {target.name!r} needs {target.total_len} positions (context_len "
+            f"{target.context_len} + seq_len {target.seq_len}), but this Gemma 3n checkpoint "
+            f"holds at most max_position_embeddings={limit}; lower seq_len/context_len"
+        )
+    device = select_device(target.device)
+    weights = family.model.model.embed_tokens.weight
+    if weights.device != device:
+        raise ConfigError(
+            f"target {target.name!r} runs on device {target.device!r}, but the Gemma 3n model "
+            f"is on {weights.device}; move it first (family.model.to({str(device)!r}), in "
+            f"place) or use a target for {weights.device.type}: profiling never copies the "
+            f"model"
+        )
+    wanted = TORCH_DTYPES[target.dtype]
+    if family.dtype != wanted:
+        loaded = str(family.dtype).removeprefix("torch.")
+        raise ConfigError(
+            f"target {target.name!r} asks for dtype {target.dtype!r}, but the Gemma 3n model "
+            f"is loaded as {loaded}; load it with Gemma3nFamily.load(path, "
+            f"dtype={target.dtype!r}) or use a target with dtype: {loaded} (profiling never "
+            f"copies the model to convert it)"
+        )
+    return device
+
+
+def _token_ids(
+    family: Gemma3nFamily, batch: int, length: int, device: torch.device
+) -> torch.Tensor:
+    # Ids inside the per-layer-embedding table too, as text tokens are (E4B's table is shorter
+    # than its vocabulary).
+    vocab = min(int(family.config.vocab_size), int(family.config.vocab_size_per_layer_input))
+    generator = torch.Generator().manual_seed(length)
+    return torch.randint(vocab, (batch, length), generator=generator).to(device)
+
+
+def _view(family: Gemma3nFamily, widths: Sequence[int], device: torch.device) -> nn.Module:
+    view = family.view_model(widths)
+    # The weights already are on `device`; a view that drops layers creates a small index
+    # buffer on the CPU, which must follow them.
+    for module in view.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+    return view
+
+
+def _returned_cache(output: Any) -> tuple[str, Any]:
+    """(keyword, cache) of a forward's output: `cache` in transformers 5.x,
+    `past_key_values` in 4.x; the same keyword passes the cache back in."""
+    for name in ("cache", "past_key_values"):
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return name, cache
+    raise ConfigError(
+        f"the model returned no KV cache with use_cache=True (transformers "
+        f"{transformers.__version__}), so decode cannot be profiled; use a prefill target"
+    )
+
+
+def _runner(
+    view: nn.Module, family: Gemma3nFamily, target: HardwareTarget, device: torch.device
+) -> Runner:
+    """A no-argument callable running one forward of `view` at the target's phase.
+
+    Decode: the KV cache is filled with `context_len` tokens once; every call appends
+    `seq_len` token(s) and crops them off again, so each call measures the same step.
+    """
+    ids = _token_ids(family, target.batch, target.total_len, device)
+    if target.phase == "prefill":
+        return lambda: view(input_ids=ids, use_cache=_USE_CACHE)
+    context, new = ids[:, : target.context_len], ids[:, target.context_len :]
+    name, cache = _returned_cache(view(input_ids=context, use_cache=True))
+    # Sliding-window layers keep only the window; recording the past lets `crop` restore
+    # the window as it was before the step (transformers 5.x; older caches keep everything).
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+
+    def step() -> torch.Tensor:
+        logits = view(input_ids=new, use_cache=True, **{name: cache}).logits
+        cache.crop(-target.seq_len)  # a negative count removes that many tokens
+        return logits
+
+    return step
+
+
+def _check_decode(
+    family: Gemma3nFamily, target: HardwareTarget, device: torch.device
+) -> dict[str, Any]:
+    """Check that the decode step rolls back: two steps equal each other and, in float32,
+    a full forward's logits at the same positions. Returns the evidence for the JSON."""
+    view = _view(family, family.full_widths(), device)
+    ids = _token_ids(family, target.batch, target.total_len, device)
+    reference = view(input_ids=ids, use_cache=_USE_CACHE).logits[:, target.context_len :]
+    try:
+        step = _runner(view, family, target, device)
+        first, second = step(), step()
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            f"decode profiling needs a KV cache that can be rolled back after each step, which "
+            f"failed with transformers {transformers.__version__} ({exc}); use a target with "
+            f"phase: prefill"
+        ) from exc
+    scale = max(1.0, reference.abs().max().item())
+    repeat_diff = (second - first).abs().max().item()
+    full_diff = (first.float() - reference.float()).abs().max().item()
+    float32 = family.dtype == torch.float32
+    # Half precision reorders enough arithmetic between a one-token step and a full forward
+    # that only the repeat check is meaningful there.
+    tolerance = 1e-3 * scale if float32 else 1e-2 * scale
+    if repeat_diff > tolerance or (float32 and full_diff > tolerance):
+        raise ConfigError(
+            f"decode profiling: the KV cache of transformers {transformers.__version__} does not "
+            f"roll back cleanly (step-to-step logit difference {repeat_diff:.3g}, vs a full "
+            f"forward {full_diff:.3g}, tolerance {tolerance:.3g}); use a target with phase: "
+            f"prefill"
+        )
+    return {
+        "rollback": "crop the new tokens off the KV cache after every step",
+        "max_abs_logit_diff_vs_full_forward": full_diff,
+        "max_abs_logit_diff_between_steps": repeat_diff,
+        "compared_with_full_forward": float32,
+    }
+
+
+# -------------------------------------------------------------------------------- timing
+
+
+class _LayerClock:
+    """Forward hooks reading the clock around every decoder layer of one model, while active."""
+
+    def __init__(self, layers: nn.ModuleList, clock: Clock) -> None:
+        self.clock = clock
+        self.active = False
+        self.started = [0.0] * len(layers)
+        self.ms = [math.nan] * len(layers)
+        self.handles = []
+        for index, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_pre_hook(partial(self._pre, index)))
+            self.handles.append(layer.register_forward_hook(partial(self._post, index)))
+
+    def _pre(self, index: int, module: nn.Module, args: Any) -> None:
+        if self.active:
+            self.clock.synchronize()  # on GPU: the layer's own kernels only
+            self.started[index] = time.perf_counter()
+
+    def _post(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
+        if self.active:
+            self.clock.synchronize()
+            self.ms[index] = (time.perf_counter() - self.started[index]) * 1e3
+
+    def timed(self, fn: Runner) -> tuple[float, list[float]]:
+        """(total ms, ms of every layer) of one call of `fn`."""
+        self.ms = [math.nan] * len(self.ms)
+        self.active = True
+        try:
+            self.clock.synchronize()
+            started = time.perf_counter()
+            fn()
+            self.clock.synchronize()
+            total = (time.perf_counter() - started) * 1e3
+        finally:
+            self.active = False
+        missed = [i for i, ms in enumerate(self.ms) if math.isnan(ms)]
+        if missed:
+            raise ProfileError(
+                f"decoder layer(s) {missed} never ran through their module call, so they "
+                f"cannot be timed (transformers {transformers.__version__})"
+            )
+        return total, list(self.ms)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _time_layers(
+    family: Gemma3nFamily,
+    target: HardwareTarget,
+    device: torch.device,
+    configs: Sequence[Sequence[int]],
+    *,
+    repeats: int,
+    warmup: int,
+    seed: int,
+    on_round: Callable[[int], None],
+) -> tuple[list[list[TimingStats]], list[TimingStats], list[TimingStats]]:
+    """Per config (all layers kept): every layer's time, the total and the rest outside them.
+
+    Timed like `profiler.time_interleaved`: warm-up first, rounds in a shuffled order, an
+    untimed call (hooks off) before each timed one, gc off, medians. The time outside the
+    layers is taken per call (total minus its layers), so each sample's noise cancels.
+    """
+    clock = Clock(device)
+    rng = random.Random(seed)
+    runners, hooks = [], []
+    try:
+        for widths in configs:
+            view = _view(family, widths, device)
+            runners.append(_runner(view, family, target, device))
+            hooks.append(_LayerClock(view.model.layers, clock))
+        n_layers = family.n_layers
+        layer_samples = [[[] for _ in range(n_layers)] for _ in configs]
+        totals: list[list[float]] = [[] for _ in configs]
+        outside: list[list[float]] = [[] for _ in configs]
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a collection inside a timed call is noise, as in timeit
+        try:
+            for fn in runners:
+                for _ in range(warmup):
+                    fn()
+            for round_index in range(repeats):
+                order = list(range(len(configs)))
+                rng.shuffle(order)
+                for i in order:
+                    runners[i]()  # untimed: the timed call then finds its weights in cache
+                    total, layers = hooks[i].timed(runners[i])
+                    for layer, ms in enumerate(layers):
+                        layer_samples[i][layer].append(ms)
+                    totals[i].append(total)
+                    outside[i].append(total - sum(layers))
+                on_round(round_index + 1)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return (
+        [[TimingStats.from_samples(s) for s in row] for row in layer_samples],
+        [TimingStats.from_samples(s) for s in totals],
+        [TimingStats.from_samples(s) for s in outside],
+    )
+
+
+def _table_stats(
+    family: Gemma3nFamily, widths: Sequence[int], layer_stats: Sequence[Sequence[TimingStats]]
+) -> list[list[TimingStats]]:
+    """[layer][width] stats; widths above a layer's stored width repeat its stored one."""
+    table = []
+    for layer, stored in enumerate(family.stored_widths):
+        at_stored = layer_stats[widths.index(stored)][layer]
+        table.append(
+            [layer_stats[j][layer] if w <= stored else at_stored for j, w in enumerate(widths)]
+        )
+    return table
+
+
+def nondecreasing(values: Sequence[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [sum, count] of runs pooled to their mean
+    for value in values:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
+
+
+def _measure_configs(
+    family: Gemma3nFamily,
+    target: HardwareTarget,
+    device: torch.device,
+    configs: Sequence[Sequence[int]],
+    *,
+    repeats: int,
+    seed: int,
+    on_round: Callable[[int], None],
+) -> list[TimingStats]:
+    """End-to-end latency of each configuration's in-place sliced model, interleaved."""
+    runners = [_runner(_view(family, w, device), family, target, device) for w in configs]
+    return time_interleaved(
+        runners,
+        device=device,
+        repeats=repeats,
+        warmup=max(1, target.warmup),
+        seed=seed,
+        on_round=on_round,
+    )
+
+
+def _validation_block(
+    latency: LatencyModel,
+    validation: Sequence[Sequence[int]],
+    passes: Sequence[Sequence[TimingStats]],
+) -> dict[str, Any]:
+    """The native profiler's validation block: accuracy next to the naive table and noise."""
+    first = [s.median_ms for s in passes[0]]
+    second = [s.median_ms for s in passes[1]]
+    measured = [
+        TimingStats.from_samples(a.samples_ms + b.samples_ms).median_ms for a, b in zip(*passes)
+    ]
+    predicted = [latency.predict_ms(w) for w in validation]
+    naive = [latency.naive_ms(w) for w in validation]
+    noise = validation_metrics(first, second)
+    return {
+        **validation_metrics(measured, predicted),
+        "naive": validation_metrics(measured, naive),
+        "noise_floor": {
+            "mape_pct": noise["mape_pct"],
+            "spearman": noise["spearman"],
+            "max_abs_pct_err": noise["max_abs_pct_err"],
+            "definition": "pass 2 vs pass 1 median of the same configurations, as MAPE",
+        },
+        "measured": "median of both passes' samples",
+        "samples": [
+            {
+                "widths": list(w),
+                "measured_ms": round(m, 6),
+                "pass1_ms": round(a, 6),
+                "pass2_ms": round(b, 6),
+                "predicted_ms": round(p, 6),
+                "naive_ms": round(nv, 6),
+            }
+            for w, m, a, b, p, nv in zip(validation, measured, first, second, predicted, naive)
+        ],
+    }
