@@ -19,13 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from gemma3n_models import random_model, tiny_config
-from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
-
-from mnm_search.families.gemma3n import Gemma3nFamily
+# This driver imports no torch: a forked child starts with its parent's resident pages, which
+# ru_maxrss would count. Models are built in child processes (`--make`).
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 SIZES = {
@@ -65,20 +60,42 @@ def peak_rss_mb(args: list[str], cwd: Path) -> float:
     return usage.ru_maxrss / 1024  # kB on Linux
 
 
-def e4b_weight_bytes() -> int:
-    """E4B's text model in bfloat16 (the shapes on the meta device; nothing is downloaded)."""
-    with torch.device("meta"):
-        model = Gemma3nForCausalLM(Gemma3nTextConfig(layer_types=([SLIDING] * 4 + [FULL]) * 7))
-    return Gemma3nFamily(model=model).param_count() * 2
+def make(size: str, ckpt: str) -> None:
+    """(child process) Save a random checkpoint; print its and E4B's parameter counts."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from gemma3n_models import random_model, tiny_config
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    from mnm_search.families.gemma3n import Gemma3nFamily
+
+    model = random_model(tiny_config(**SIZES[size]))
+    model.save_pretrained(ckpt, max_shard_size="200MB")
+    family = Gemma3nFamily(model=model)
+    with torch.device("meta"):  # E4B's shapes only; nothing is downloaded
+        e4b = Gemma3nForCausalLM(Gemma3nTextConfig(layer_types=([SLIDING] * 4 + [FULL]) * 7))
+    info = {
+        "params": family.param_count(),
+        "n_layers": family.n_layers,
+        "top": max(family.stored_widths),
+        "step": family.step,
+        "e4b_params": Gemma3nFamily(model=e4b).param_count(),
+    }
+    print(json.dumps(info))
 
 
 def measure(size: str, workdir: Path) -> dict[str, object]:
     ckpt = workdir / size
-    model = random_model(tiny_config(**SIZES[size]))
-    model.save_pretrained(str(ckpt), max_shard_size="200MB")
-    family = Gemma3nFamily(model=model)
-    weight_bytes = family.param_count() * 4  # float32
-    n, top, step = family.n_layers, max(family.stored_widths), family.step
+    made = subprocess.run(
+        [sys.executable, __file__, "--make", size, str(ckpt)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    info = json.loads(made.stdout.strip().splitlines()[-1])
+    weight_bytes = info["params"] * 4  # float32
+    n, top, step = info["n_layers"], info["top"], info["step"]
     half = ",".join(str(max(step, top // 2)) for _ in range(n))
     (workdir / "target.yaml").write_text(TARGET)
     mnm = [sys.executable, "-m", "mnm_search"]
@@ -106,7 +123,8 @@ def measure(size: str, workdir: Path) -> dict[str, object]:
     model_mb = weight_bytes / 2**20
     return {
         "size": size,
-        "params": family.param_count(),
+        "params": info["params"],
+        "e4b_params": info["e4b_params"],
         "weights_mb_float32": round(model_mb, 1),
         "peak_rss_mb": {k: round(v, 1) for k, v in peaks.items()},
         "over_baseline_per_model": {
@@ -118,8 +136,11 @@ def measure(size: str, workdir: Path) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="tiny,medium")
+    parser.add_argument("--make", nargs=2, metavar=("SIZE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    e4b = e4b_weight_bytes()
+    if args.make:
+        make(*args.make)
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
@@ -127,6 +148,7 @@ def main() -> None:
             results.append(result)
             print(json.dumps(result, indent=2))
     medium = results[-1]
+    e4b = int(medium["e4b_params"]) * 2  # bfloat16
     base = medium["peak_rss_mb"][BASELINE]
     print(f"\nE4B text weights, bfloat16: {e4b / 2**30:.2f} GiB")
     print(f"extrapolated from {medium['size']} (baseline {base:.0f} MiB + ratio x E4B weights):")
