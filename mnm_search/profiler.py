@@ -474,26 +474,6 @@ def profile_checkpoint(
                 )
             )
 
-    first = [s.median_ms for s in passes[0]]
-    second = [s.median_ms for s in passes[1]]
-    measured = [
-        TimingStats.from_samples(a.samples_ms + b.samples_ms).median_ms for a, b in zip(*passes)
-    ]
-    predicted = [latency.predict_ms(w) for w in validation]
-    naive = [latency.naive_ms(w) for w in validation]
-    noise = validation_metrics(first, second)
-    metrics = {
-        **validation_metrics(measured, predicted),
-        "naive": validation_metrics(measured, naive),
-        "noise_floor": {
-            "mape_pct": noise["mape_pct"],
-            "spearman": noise["spearman"],
-            "max_abs_pct_err": noise["max_abs_pct_err"],
-            "definition": "pass 2 vs pass 1 median of the same configurations, as MAPE",
-        },
-        "measured": "median of both passes' samples",
-    }
-    calibration_pred = [latency.predict_ms(w) for w in calibration]
     return _json_safe(
         {
             "format": PROFILE_FORMAT,
@@ -534,44 +514,76 @@ def profile_checkpoint(
                 ],
             },
             "latency_model": latency.to_dict(),
-            "calibration": {
-                "n": len(calibration),
-                "fit": validation_metrics(
-                    [s.median_ms for s in calibration_stats], calibration_pred
-                ),
-                "samples": [
-                    {
-                        "widths": w,
-                        "measured_ms": round(s.median_ms, 6),
-                        "predicted_ms": round(p, 6),
-                        "p10_ms": round(s.p10_ms, 6),
-                        "p90_ms": round(s.p90_ms, 6),
-                    }
-                    for w, s, p in zip(calibration, calibration_stats, calibration_pred)
-                ],
-            },
-            "validation": {
-                **metrics,
-                "samples": [
-                    {
-                        "widths": w,
-                        "measured_ms": round(m, 6),
-                        "pass1_ms": round(a, 6),
-                        "pass2_ms": round(b, 6),
-                        "predicted_ms": round(p, 6),
-                        "naive_ms": round(nv, 6),
-                    }
-                    for w, m, a, b, p, nv in zip(
-                        validation, measured, first, second, predicted, naive
-                    )
-                ],
-            },
+            "calibration": calibration_block(latency, calibration, calibration_stats),
+            "validation": validation_block(latency, validation, passes),
             "memory_uniform_bytes": {
                 name: memory_bytes(config, config.uniform_widths(g), target).to_dict()
                 for name, g in zip(config.granularity_names, config.granularities)
             },
         }
     )
+
+
+def calibration_block(
+    latency: LatencyModel,
+    calibration: Sequence[Sequence[int]],
+    stats: Sequence[TimingStats],
+) -> dict[str, Any]:
+    """The profile's calibration block: how well the fit matches the configurations it saw."""
+    predicted = [latency.predict_ms(w) for w in calibration]
+    return {
+        "n": len(calibration),
+        "fit": validation_metrics([s.median_ms for s in stats], predicted),
+        "samples": [
+            {
+                "widths": list(w),
+                "measured_ms": round(s.median_ms, 6),
+                "predicted_ms": round(p, 6),
+                "p10_ms": round(s.p10_ms, 6),
+                "p90_ms": round(s.p90_ms, 6),
+            }
+            for w, s, p in zip(calibration, stats, predicted)
+        ],
+    }
+
+
+def validation_block(
+    latency: LatencyModel,
+    validation: Sequence[Sequence[int]],
+    passes: Sequence[Sequence[TimingStats]],
+) -> dict[str, Any]:
+    """The profile's validation block: held-out accuracy next to the naive table and the
+    noise floor (the same configurations measured in two passes)."""
+    first = [s.median_ms for s in passes[0]]
+    second = [s.median_ms for s in passes[1]]
+    measured = [
+        TimingStats.from_samples(a.samples_ms + b.samples_ms).median_ms for a, b in zip(*passes)
+    ]
+    predicted = [latency.predict_ms(w) for w in validation]
+    naive = [latency.naive_ms(w) for w in validation]
+    noise = validation_metrics(first, second)
+    return {
+        **validation_metrics(measured, predicted),
+        "naive": validation_metrics(measured, naive),
+        "noise_floor": {
+            "mape_pct": noise["mape_pct"],
+            "spearman": noise["spearman"],
+            "max_abs_pct_err": noise["max_abs_pct_err"],
+            "definition": "pass 2 vs pass 1 median of the same configurations, as MAPE",
+        },
+        "measured": "median of both passes' samples",
+        "samples": [
+            {
+                "widths": list(w),
+                "measured_ms": round(m, 6),
+                "pass1_ms": round(a, 6),
+                "pass2_ms": round(b, 6),
+                "predicted_ms": round(p, 6),
+                "naive_ms": round(nv, 6),
+            }
+            for w, m, a, b, p, nv in zip(validation, measured, first, second, predicted, naive)
+        ],
+    }
 
 
 def _json_safe(value: Any) -> Any:

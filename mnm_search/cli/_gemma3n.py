@@ -14,10 +14,10 @@ from typing import Any
 
 from rich.table import Table
 
-from mnm_search.cli._common import err, out, print_json, progress_bar
-from mnm_search.cli._profile import load_profile_for, print_validation
+from mnm_search.cli._common import err, out, print_json
+from mnm_search.cli._profile import load_profile_for, print_validation, stage_progress
 from mnm_search.config import run_length_widths
-from mnm_search.errors import ConfigError, ExportError
+from mnm_search.errors import ExportError
 from mnm_search.families import load_gemma3n
 from mnm_search.targets import HardwareTarget
 
@@ -161,15 +161,7 @@ def profile_loaded(
 ) -> dict[str, Any]:
     from mnm_search.families.gemma3n_profile import profile_gemma3n
 
-    with progress_bar() as progress:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(event: dict[str, Any]) -> None:
-            stage = event["stage"]
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=event["total"], status="")
-            progress.update(tasks[stage], completed=event["done"])
-
+    with stage_progress() as on_progress:
         return profile_gemma3n(
             family, target, quick=quick, allow_skip=allow_skip, on_progress=on_progress
         )
@@ -253,10 +245,3 @@ def check_ckpt_matches(family: Any, expected: str | None, results_dir: Path) -> 
             f"{results_dir} was searched on checkpoint {expected}, but this one is "
             f"{family.fingerprint}; its widths and losses do not apply to it"
         )
-
-
-def refuse_native_options(**options: Any) -> None:
-    """Options of native checkpoints that have no meaning for Gemma 3n."""
-    for name, value in options.items():
-        if value:
-            raise ConfigError(f"{name} applies to native mnm checkpoints, not to {FAMILY_NAME}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -240,14 +241,9 @@ def print_validation(result: dict[str, Any]) -> None:
     out.print(quality)
 
 
-def profile_with_progress(
-    checkpoint: Checkpoint,
-    target: HardwareTarget,
-    *,
-    quick: bool,
-    extra_widths: Sequence[int] = (),
-) -> dict[str, Any]:
-    """`profile_checkpoint` with one rich progress bar per profiling stage."""
+@contextmanager
+def stage_progress() -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A profiler `on_progress` callback that shows one rich progress bar per stage."""
     with progress_bar() as progress:
         tasks: dict[str, Any] = {}
 
@@ -257,6 +253,18 @@ def profile_with_progress(
                 tasks[stage] = progress.add_task(stage, total=event["total"], status="")
             progress.update(tasks[stage], completed=event["done"])
 
+        yield on_progress
+
+
+def profile_with_progress(
+    checkpoint: Checkpoint,
+    target: HardwareTarget,
+    *,
+    quick: bool,
+    extra_widths: Sequence[int] = (),
+) -> dict[str, Any]:
+    """`profile_checkpoint` with one rich progress bar per profiling stage."""
+    with stage_progress() as on_progress:
         return profile_checkpoint(
             checkpoint, target, quick=quick, on_progress=on_progress, extra_widths=extra_widths
         )

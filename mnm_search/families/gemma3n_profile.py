@@ -40,7 +40,7 @@ from torch import nn
 
 from mnm_search.errors import ConfigError, ProfileError
 from mnm_search.families.gemma3n import _USE_CACHE, Gemma3nFamily
-from mnm_search.latency import PROFILE_FORMAT, PROFILE_VERSION, LatencyModel, validation_metrics
+from mnm_search.latency import PROFILE_FORMAT, PROFILE_VERSION, LatencyModel
 from mnm_search.profiler import (
     TORCH_DTYPES,
     Clock,
@@ -48,9 +48,11 @@ from mnm_search.profiler import (
     TimingStats,
     _json_safe,
     _Stage,
+    calibration_block,
     pinned_threads,
     select_device,
     time_interleaved,
+    validation_block,
 )
 from mnm_search.targets import HardwareTarget, machine_facts
 
@@ -167,7 +169,6 @@ def profile_gemma3n(
                 )
             )
 
-    calibration_pred = [latency.predict_ms(w) for w in calibration]
     return _json_safe(
         {
             "format": PROFILE_FORMAT,
@@ -218,23 +219,8 @@ def profile_gemma3n(
                 "(such widths are never queried)",
             },
             "latency_model": latency.to_dict(),
-            "calibration": {
-                "n": len(calibration),
-                "fit": validation_metrics(
-                    [s.median_ms for s in calibration_stats], calibration_pred
-                ),
-                "samples": [
-                    {
-                        "widths": w,
-                        "measured_ms": round(s.median_ms, 6),
-                        "predicted_ms": round(p, 6),
-                        "p10_ms": round(s.p10_ms, 6),
-                        "p90_ms": round(s.p90_ms, 6),
-                    }
-                    for w, s, p in zip(calibration, calibration_stats, calibration_pred)
-                ],
-            },
-            "validation": _validation_block(latency, validation, passes),
+            "calibration": calibration_block(latency, calibration, calibration_stats),
+            "validation": validation_block(latency, validation, passes),
         }
     )
 
@@ -598,41 +584,3 @@ def _measure_configs(
         seed=seed,
         on_round=on_round,
     )
-
-
-def _validation_block(
-    latency: LatencyModel,
-    validation: Sequence[Sequence[int]],
-    passes: Sequence[Sequence[TimingStats]],
-) -> dict[str, Any]:
-    """The native profiler's validation block: accuracy next to the naive table and noise."""
-    first = [s.median_ms for s in passes[0]]
-    second = [s.median_ms for s in passes[1]]
-    measured = [
-        TimingStats.from_samples(a.samples_ms + b.samples_ms).median_ms for a, b in zip(*passes)
-    ]
-    predicted = [latency.predict_ms(w) for w in validation]
-    naive = [latency.naive_ms(w) for w in validation]
-    noise = validation_metrics(first, second)
-    return {
-        **validation_metrics(measured, predicted),
-        "naive": validation_metrics(measured, naive),
-        "noise_floor": {
-            "mape_pct": noise["mape_pct"],
-            "spearman": noise["spearman"],
-            "max_abs_pct_err": noise["max_abs_pct_err"],
-            "definition": "pass 2 vs pass 1 median of the same configurations, as MAPE",
-        },
-        "measured": "median of both passes' samples",
-        "samples": [
-            {
-                "widths": list(w),
-                "measured_ms": round(m, 6),
-                "pass1_ms": round(a, 6),
-                "pass2_ms": round(b, 6),
-                "predicted_ms": round(p, 6),
-                "naive_ms": round(nv, 6),
-            }
-            for w, m, a, b, p, nv in zip(validation, measured, first, second, predicted, naive)
-        ],
-    }
