@@ -97,6 +97,9 @@ def measure(size: str, workdir: Path) -> dict[str, object]:
     weight_bytes = info["params"] * 4  # float32
     n, top, step = info["n_layers"], info["top"], info["step"]
     half = ",".join(str(max(step, top // 2)) for _ in range(n))
+    full = ",".join(str(top) for _ in range(n))
+    # Drops the second-to-last layer: a KV consumer in both sizes (never a producer).
+    dropped = ",".join("0" if i == n - 2 else str(top) for i in range(n))
     (workdir / "target.yaml").write_text(TARGET)
     mnm = [sys.executable, "-m", "mnm_search"]
     load = f"{IMPORTS}; mnm_search.families.gemma3n.Gemma3nFamily.load({str(ckpt)!r})"
@@ -115,6 +118,16 @@ def measure(size: str, workdir: Path) -> dict[str, object]:
         ],
         "export --format hf": [
             *mnm, "export", str(ckpt), "--widths", half, "--out", f"export-{size}",
+            "--max-tokens", "1024",
+        ],
+        # Dropping layers cuts the PLE table (34 % of E4B's weights) as well.
+        "export, layers dropped": [
+            *mnm, "export", str(ckpt), "--widths", dropped, "--out", f"export-drop-{size}",
+            "--max-tokens", "1024",
+        ],
+        # The worst case for "never held twice": the written slice is as large as the source.
+        "export, full width": [
+            *mnm, "export", str(ckpt), "--widths", full, "--out", f"export-full-{size}",
             "--max-tokens", "1024",
         ],
     }  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 from gemma3n_models import (  # noqa: E402
@@ -359,6 +360,120 @@ def test_export_single_file_and_tokenizer_copied(tmp_path: Path, checkpoint: Pat
     assert (out / "model.safetensors").is_file()
     assert not (out / "model.safetensors.index.json").exists()
     assert (out / "tokenizer_config.json").read_text() == "{}"
+
+
+def _held_bytes(family: Gemma3nFamily) -> int:
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in family.model.state_dict(keep_vars=True).values()
+    }
+    return sum(storages.values())
+
+
+def _record_held_bytes_during_verification(
+    family: Gemma3nFamily, monkeypatch: pytest.MonkeyPatch
+) -> list[int]:
+    held: list[int] = []
+    verify = family._verify_export
+
+    def recording(*args: object, **kwargs: object) -> object:
+        held.append(_held_bytes(family))
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(family, "_verify_export", recording)
+    return held
+
+
+def test_export_frees_the_loaded_weights_while_verifying(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload must not sit next to the source: a full-width E4B export would hold two."""
+    family = Gemma3nFamily.load(checkpoint)
+    before = {n: t.clone() for n, t in family.model.state_dict().items()}
+    widths = [128, 0, 192, 256, 64, 0]
+    view = family.sliced_model(widths)  # a view built before the export stays usable after it
+    ids = input_ids(length=12)
+    expected = family.logits(ids, widths)
+    held = _record_held_bytes_during_verification(family, monkeypatch)
+    family.export_hf([256] * 6, tmp_path / "full")
+    assert held == [0]
+    assert _held_bytes(family) == sum(t.numel() * t.element_size() for t in before.values()) - (
+        family.model.lm_head.weight.numel() * family.model.lm_head.weight.element_size()
+    )  # read back in full (the tied LM head shares the embedding's storage)
+    for name, tensor in family.model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    with torch.inference_mode():
+        assert torch.equal(view(input_ids=ids).logits, expected)
+    assert torch.equal(family.logits(ids, widths), expected)
+
+
+def test_export_keeps_in_memory_weights_while_verifying(
+    tmp_path: Path, family: Gemma3nFamily, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights that did not come from `load` cannot be read back, so they are kept."""
+    held = _record_held_bytes_during_verification(family, monkeypatch)
+    family.export_hf([256] * 6, tmp_path / "full")
+    assert held == [_held_bytes(family)] and held[0] > 0
+
+
+def test_export_keeps_weights_of_a_checkpoint_changed_on_disk(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    family = Gemma3nFamily.load(checkpoint)
+    before = {n: t.clone() for n, t in family.model.state_dict().items()}
+    (checkpoint / "config.json").write_text((checkpoint / "config.json").read_text() + "\n")
+    held = _record_held_bytes_during_verification(family, monkeypatch)
+    with pytest.warns(UserWarning, match="changed on disk"):
+        family.export_hf([256] * 6, tmp_path / "full")
+    assert held[0] > 0
+    for name, tensor in family.model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_weights_that_cannot_be_read_back_are_refused_later(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    family = Gemma3nFamily.load(checkpoint)
+    verify = family._verify_export
+
+    def delete_source(*args: object, **kwargs: object) -> object:
+        for shard in checkpoint.glob("*.safetensors"):
+            shard.unlink()
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(family, "_verify_export", delete_source)
+    with pytest.raises(CheckpointError):
+        family.export_hf([256] * 6, tmp_path / "full")
+    assert not (tmp_path / "full").exists()
+    with pytest.raises(CheckpointError, match=r"freed during an export.*load the checkpoint again"):
+        family.logits(input_ids(length=4))
+    with pytest.raises(CheckpointError, match="load the checkpoint again"):
+        family.export_hf([256] * 6, tmp_path / "again", verify=False)
+
+
+def test_export_cuts_the_ple_table_in_row_chunks(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dropping layers must not copy the whole cut PLE table at once (~4 GB for E4B)."""
+    from mnm_search.families import gemma3n
+
+    family = Gemma3nFamily.load(checkpoint)
+    table = family.model.model.embed_tokens_per_layer.weight
+    monkeypatch.setattr(gemma3n, "_COPY_CHUNK_BYTES", table[0].numel() * table.element_size() * 7)
+    cut_rows: list[int] = []
+    cut = family._kept_ple_blocks
+
+    def recording(rows: torch.Tensor, plan: object) -> torch.Tensor:
+        cut_rows.append(rows.shape[0])
+        return cut(rows, plan)
+
+    monkeypatch.setattr(family, "_kept_ple_blocks", recording)
+    family.export_hf([128, 0, 192, 256, 64, 0], tmp_path / "sliced", verify=False)
+    assert max(cut_rows) == 7 and sum(cut_rows) == table.shape[0]
+    with safe_open(str(tmp_path / "sliced" / "model.safetensors"), framework="pt") as handle:
+        written = handle.get_tensor("model.embed_tokens_per_layer.weight")
+    blocks = table.unflatten(1, (6, PLE_WIDTH))[:, [0, 2, 3, 4]]
+    assert torch.equal(written, blocks.flatten(1))
 
 
 def test_failed_verification_writes_nothing(

@@ -19,8 +19,9 @@ Gemma 3n specifics that slicing must respect (see transformers' `modeling_gemma3
 
 The loaded model is held once. `sliced_model(widths)` is a `Gemma3nForCausalLM` for the
 configuration whose weights are views of the loaded ones (no copy, except the small PLE
-projection); `export_hf` streams contiguous copies shard by shard, so exporting needs one shard
-of extra memory, not a second model.
+projection); `export_hf` streams the slice to disk in row chunks (64 MiB of extra memory) and,
+while it reloads the written checkpoint to verify it, frees the loaded weights and reads them
+back afterwards, so even a full-width export never holds the model twice.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import math
 import re
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 from transformers.utils import logging as hf_logging
 
+from mnm_search._safetensors_writer import StreamedTensor, write_safetensors
 from mnm_search.checkpoint import atomic_directory
 from mnm_search.config import expand_widths_spec
 from mnm_search.data import EvalSet, bundled_validation_text, make_eval_set, read_text_data
@@ -68,6 +69,7 @@ except ImportError:  # pragma: no cover
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+_PLE_TABLE = "model.embed_tokens_per_layer.weight"
 EXPORT_INFO_FILE = "mnm.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -189,6 +191,10 @@ class Gemma3nFamily:
             list(self.config.layer_types), int(self.config.num_kv_shared_layers)
         )
         self._fingerprint = fingerprint
+        # Set by `load`: the weights are exactly the checkpoint's, so they can be freed and
+        # read back (see `_weights_released`).
+        self._rereadable = False
+        self._lost: str | None = None  # why the weights are unusable, after a failed read-back
         self._view: tuple[tuple[int, ...], Gemma3nForCausalLM] | None = None
         self._tokenizer: Any = None
         self._tokenizer_loaded = False
@@ -231,7 +237,11 @@ class Gemma3nFamily:
             model = _tied(Gemma3nForCausalLM(config))
         if weights:
             _fill_from_shards(model, locations, prefix, path)
-        return cls(model=model, step=step, path=path, fingerprint=_files_fingerprint(path, shards))
+        family = cls(
+            model=model, step=step, path=path, fingerprint=_files_fingerprint(path, shards)
+        )
+        family._rereadable = weights
+        return family
 
     # ------------------------------------------------------------------------ search space
 
@@ -442,15 +452,20 @@ class Gemma3nFamily:
         tensor = self._tensors[name]
         if not plan.skips_layers:
             return tensor
-        kept = torch.tensor(plan.kept, device=tensor.device)
-        width = int(self.config.hidden_size_per_layer_input)
-        if name == "model.embed_tokens_per_layer.weight":  # [vocab, n_layers * P]
-            blocks = tensor.unflatten(1, (self.n_layers, width))
-            return blocks.index_select(1, kept).flatten(1)
+        if name == _PLE_TABLE:
+            return self._kept_ple_blocks(tensor, plan)
         if name == "model.per_layer_model_projection.weight":  # [n_layers * P, hidden]
+            kept = torch.tensor(plan.kept, device=tensor.device)
+            width = int(self.config.hidden_size_per_layer_input)
             blocks = tensor.unflatten(0, (self.n_layers, width))
             return blocks.index_select(0, kept).flatten(0, 1)
         return tensor
+
+    def _kept_ple_blocks(self, rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Rows of the PLE table [vocab, n_layers * P] without the dropped layers' blocks."""
+        kept = torch.tensor(plan.kept, device=rows.device)
+        blocks = rows.unflatten(1, (self.n_layers, int(self.config.hidden_size_per_layer_input)))
+        return blocks.index_select(1, kept).flatten(1)  # [rows, kept * P]
 
     def sliced_model(self, widths: Sequence[int]) -> Gemma3nForCausalLM:
         """The configuration as a transformers model sharing the loaded weights (views).
@@ -466,17 +481,22 @@ class Gemma3nFamily:
         self._view = (plan.widths, view)
         return view
 
+    def _require_weights(self) -> None:
+        if self._lost is not None:
+            raise CheckpointError(f"{self._lost}; load the checkpoint again")
+        if not self.has_weights:
+            raise ConfigError(
+                "this Gemma 3n checkpoint was loaded without weights (weights=False); "
+                "load it with weights to run or export it"
+            )
+
     def view_model(self, widths: Sequence[int]) -> Gemma3nForCausalLM:
         """A new (uncached) in-place sliced model for `widths`; see `sliced_model`.
 
         Several views can live at once (profiling times them interleaved): they share the
         loaded weights, so each costs only its small PLE projection copy when it skips layers.
         """
-        if not self.has_weights:
-            raise ConfigError(
-                "this Gemma 3n checkpoint was loaded without weights (weights=False); "
-                "load it with weights to run or export it"
-            )
+        self._require_weights()
         plan = self._plan(widths)
         config = self._sliced_config(plan)
         with torch.device("meta"), _default_dtype(self.dtype), no_init_weights():
@@ -661,8 +681,11 @@ class Gemma3nFamily:
         per-layer `intermediate_size`, the source tokenizer files, a model card `README.md` and
         `mnm.json` (widths, source fingerprint, verification). Written atomically; with
         `verify`, the directory is reloaded with `from_pretrained` and its logits compared
-        with the in-place sliced model (an `ExportError` leaves `out` untouched).
+        with the in-place sliced model (an `ExportError` leaves `out` untouched). A family
+        from `load` frees its weights during that reload and reads them back from its
+        checkpoint afterwards (as long as a `load` takes): memory stays at one model.
         """
+        self._require_weights()
         plan = self._plan(widths)
         shard_bytes = _parse_size(max_shard_size)
         config = self._sliced_config(plan)
@@ -681,7 +704,8 @@ class Gemma3nFamily:
             self._copy_tokenizer_files(tmp)
             report: dict[str, Any] = {"verified": False}
             if reference is not None:
-                report = self._verify_export(tmp, probe, reference, atol)
+                with self._weights_released():
+                    report = self._verify_export(tmp, probe, reference, atol)
             info = {
                 "format": "mnm-hf-export",
                 "family": self.name,
@@ -699,6 +723,48 @@ class Gemma3nFamily:
             (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
             (tmp / "README.md").write_text(_model_card(info))
         return out
+
+    @contextlib.contextmanager
+    def _weights_released(self) -> Iterator[None]:
+        """Free the loaded weights while the block runs, then read them back from the shards.
+
+        Verifying an export reloads the slice with `from_pretrained`; a full-width slice is as
+        large as the source, and E4B must never be held twice. Only weights that `load` read
+        from a checkpoint still unchanged on disk are freed; an in-memory model is kept (it
+        is then held alongside the reload). Storages are resized in place, so every view of
+        them (`sliced_model`, the profiler's views) is valid again afterwards.
+        """
+        path = self.path
+        if not self._rereadable or path is None:
+            yield
+            return
+        shards = _shard_files(path)
+        if _files_fingerprint(path, shards) != self._fingerprint:
+            warnings.warn(
+                f"{path} changed on disk since it was loaded: keeping its weights in memory "
+                "while the export is verified (twice the memory)",
+                stacklevel=4,
+            )
+            yield
+            return
+        self._view = None
+        storages = {}
+        for tensor in self.model.state_dict(keep_vars=True).values():
+            storage = tensor.untyped_storage()
+            storages.setdefault(storage.data_ptr(), (storage, storage.nbytes()))
+        self._lost = f"the weights of {path} were freed during an export and not read back"
+        for storage, _ in storages.values():
+            storage.resize_(0)
+        try:
+            yield
+        finally:
+            for storage, nbytes in storages.values():
+                storage.resize_(nbytes)
+            locations = _tensor_locations(shards)
+            with warnings.catch_warnings():  # `load` already warned about unused tensors
+                warnings.simplefilter("ignore")
+                _fill_from_shards(self.model, locations, _text_prefix(locations, path), path)
+            self._lost = None
 
     def _write_shards(
         self,
@@ -726,25 +792,36 @@ class Gemma3nFamily:
                 if len(shards) == 1
                 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
             )
-            # One shard at a time: exporting never holds a second model.
-            tensors = {}
-            for name in shard:
-                tensor = self._source(name, plan).detach()
-                if tuple(tensor.shape) != expected[name]:  # a bug guard, not a user error
-                    raise ExportError(
-                        f"internal error: {name} sliced to {list(tensor.shape)}, "
-                        f"config implies {list(expected[name])}"
-                    )
-                # Views of whole rows stay views (no copy); column slices and PLE cuts copy.
-                tensors[name] = tensor.to(self.dtype).contiguous()
-                weight_map[name] = filename
-                total += tensors[name].numel() * tensors[name].element_size()
-            save_file(tensors, str(directory / filename), metadata={"format": "pt"})
-            del tensors
+            # Streamed in row chunks: exporting holds one chunk, never a shard or a second model.
+            streamed = [
+                StreamedTensor(name, self.dtype, expected[name], self._chunks(name, plan))
+                for name in shard
+            ]
+            total += write_safetensors(directory / filename, streamed, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, filename))
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return total
+
+    def _chunks(self, name: str, plan: _Plan) -> Callable[[], Iterator[torch.Tensor]]:
+        """Tensor `name` of the sliced model as row chunks of at most `_COPY_CHUNK_BYTES`."""
+
+        def chunks() -> Iterator[torch.Tensor]:
+            cut_ple = name == _PLE_TABLE and plan.skips_layers
+            # The PLE table is cut chunk by chunk (a whole cut copy is ~4 GB for E4B); every
+            # other tensor is a view of the loaded weights or, for the projection, small.
+            tensor = self._tensors[name] if cut_ple else self._source(name, plan)
+            if tensor.dim() == 0:
+                yield tensor.to(self.dtype)
+                return
+            row_bytes = max(1, tensor[0].numel() * tensor.element_size())
+            rows = max(1, _COPY_CHUNK_BYTES // row_bytes)
+            for start in range(0, tensor.shape[0], rows):
+                chunk = tensor[start : start + rows]
+                yield (self._kept_ple_blocks(chunk, plan) if cut_ple else chunk).to(self.dtype)
+
+        return chunks
 
     def _copy_tokenizer_files(self, directory: Path) -> None:
         if self.path is None:
