@@ -239,9 +239,49 @@ def test_profile_then_latency_search_eval_and_export(ckpt: Path) -> None:
     assert all(row["latency_ms"] > 0 for row in search["pareto"])
     trial = search["pareto"][0]["trial"]
     report = _json(["export", "--from", "res", "--trial", trial, "--out", "fast", *FAST])
-    assert report["latency"]["predicted_ms"] == pytest.approx(
-        search["pareto"][0]["latency_ms"], rel=1e-3
+    latency = report["latency"]
+    assert latency["predicted_ms"] == pytest.approx(search["pareto"][0]["latency_ms"], rel=1e-3)
+    # Timed on the profile's target, next to the full model.
+    assert latency["target"]["seq_len"] == 16 and latency["repeats"] == 3
+    assert 0 < latency["measured_p10_ms"] <= latency["measured_ms"] <= latency["measured_p90_ms"]
+    assert latency["full_model_measured_ms"] > 0
+    assert latency["speedup_vs_full"] == pytest.approx(
+        latency["full_model_measured_ms"] / latency["measured_ms"], rel=1e-3
     )
+    assert latency["error_pct"] == pytest.approx(
+        100 * (latency["predicted_ms"] - latency["measured_ms"]) / latency["measured_ms"],
+        abs=0.01,
+    )
+    assert json.loads(Path("fast/mnm.json").read_text())["latency"] == latency
     other = save_tiny_checkpoint(Path("other"), seed=2)
     refused = _invoke(["eval", other, "--profile", "p.json", *FAST])
     assert refused.exit_code == 1 and "profile this checkpoint" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (None, "measured on cpu-prefill"),  # no profile: the default target, in float32
+        ("tiny.yaml", "measured on tiny"),
+        ("bf16.yaml", "latency not measured: target 'bf16' runs in bfloat16, but the "),
+    ],
+)
+def test_export_measures_latency_on_a_target_the_model_runs_as_is(
+    ckpt: Path, target: str | None, expected: str
+) -> None:
+    Path("bf16.yaml").write_text(TARGET_YAML + "dtype: bfloat16\n")
+    option = ["--target", target] if target else []
+    args = ["export", ckpt, "--widths", "128*6", "--out", "x", *FAST, *option]
+    result = _invoke(args)
+    assert result.exit_code == 0, result.output
+    assert expected in " ".join(result.output.split())
+    latency = json.loads(Path("x/mnm.json").read_text())["latency"]
+    card = Path("x/README.md").read_text()
+    assert "Loss " in card and "tokens of bundled validation text" in card
+    if target == "bf16.yaml":
+        assert latency["measured_ms"] is None and "a float32 target" in latency["not_measured"]
+        assert "Latency not measured: target 'bf16'" in card
+    else:
+        assert latency["measured_ms"] > 0 and latency["speedup_vs_full"] > 0
+        assert latency["predicted_ms"] is None  # no profile was given
+        assert f"Latency on {latency['target']['name']}: {latency['measured_ms']:.3f} ms" in card

@@ -226,6 +226,7 @@ def export(
             choice={"trial": trial, "max_latency_ms": max_latency_ms, "all_pareto": all_pareto},
             fmt=fmt,
             profile=profile,
+            target=target,
             data=data,
             max_tokens=max_tokens,
             overwrite=force,
@@ -282,6 +283,7 @@ def _export_gemma3n(
     choice: dict[str, Any],
     fmt: str | None,
     profile: Path | None,
+    target: Path | None,
     data: Path | None,
     max_tokens: int,
     overwrite: bool,
@@ -304,13 +306,21 @@ def _export_gemma3n(
     else:
         _gemma3n.check_ckpt_matches(family, results.run_info.get("fingerprint"), results.dir)
         members = [(m.trial, m.widths) for m in _members(results, **choice)]
+    latency_model = _latency_model(profile, results, family)
+    if target is not None:
+        measure_on = load_target(target)
+    elif latency_model is not None:
+        measure_on = latency_model.target
+    else:
+        measure_on = _gemma3n.default_measurement_target(family)
     _gemma3n.export(
         members,
         out_dir,
         family=family,
         data=data,
         max_tokens=max_tokens,
-        latency_model=_latency_model(profile, results, family),
+        latency_model=latency_model,
+        target=measure_on,
         provenance={"results_dir": str(results.dir)} if results is not None else {},
         overwrite=overwrite,
         as_json=as_json,

@@ -7,6 +7,7 @@ which `families.load_gemma3n` reports clearly when it is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from mnm_search.cli._profile import load_profile_for, print_validation, stage_pr
 from mnm_search.config import run_length_widths
 from mnm_search.errors import ExportError
 from mnm_search.families import load_gemma3n
-from mnm_search.targets import HardwareTarget
+from mnm_search.targets import HardwareTarget, default_target
 
 FAMILY_NAME = "Gemma 3n"
 
@@ -197,6 +198,7 @@ def export(
     data: Path | None,
     max_tokens: int,
     latency_model: Any,
+    target: HardwareTarget,
     provenance: dict[str, Any],
     overwrite: bool,
     as_json: bool,
@@ -212,6 +214,7 @@ def export(
             eval_set=eval_set,
             data_name=str(data) if data is not None else "bundled validation text",
             latency_model=latency_model,
+            target=target,
             provenance=provenance,
             overwrite=overwrite,
             on_progress=lambda message: status.update(message),
@@ -223,7 +226,8 @@ def export(
     table = Table(
         title=f"exported to {out_dir} (reloaded with transformers; max |Δ logits| {worst:.1e})"
     )
-    for column in ("trial", "widths", "params", "effective", "loss", "pred. ms"):
+    columns = ("trial", "widths", "params", "effective", "loss", "pred. ms", "meas. ms", "vs full")
+    for column in columns:
         table.add_column(column, justify="left" if column == "widths" else "right")
     for report in reports:
         quality = report.get("quality") or {}
@@ -234,9 +238,40 @@ def export(
             f"{report['params']:,}",
             f"{report['effective_params']:,}",
             f"{quality['loss']:.4f}" if quality else "-",
-            f"{latency['predicted_ms']:.3f}" if latency else "-",
+            _ms(latency.get("predicted_ms")),
+            _ms(latency.get("measured_ms")),
+            f"{latency['speedup_vs_full']:.2f}x" if latency.get("speedup_vs_full") else "-",
         )
     out.print(table)
+    latency = reports[0].get("latency") or {}
+    if latency.get("not_measured"):
+        out.print(f"latency not measured: {latency['not_measured']}", highlight=False)
+    elif latency.get("measured_ms") is not None:
+        out.print(
+            f"measured on {latency['target']['name']} (median of {latency['repeats']} "
+            "interleaved runs of the in-place sliced model, which computes what the export "
+            "computes); vs full: speed-up over the full model, timed alongside",
+            highlight=False,
+        )
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "-"
+
+
+def default_measurement_target(family: Any) -> HardwareTarget:
+    """cpu-prefill in the checkpoint's own dtype (export never converts the model), at most
+    as many tokens as the model has positions."""
+    fallback = default_target()
+    dtype = str(family.dtype).removeprefix("torch.")
+    seq_len = min(fallback.seq_len, int(family.config.max_position_embeddings))
+    return dataclasses.replace(
+        fallback,
+        name=f"cpu-prefill-{dtype}" if dtype != fallback.dtype else fallback.name,
+        dtype=dtype,
+        seq_len=seq_len,
+        description=f"CPU prefill, batch 1, {seq_len} tokens, {dtype}",
+    )
 
 
 def check_ckpt_matches(family: Any, expected: str | None, results_dir: Path) -> None:

@@ -1153,6 +1153,28 @@ def _files_fingerprint(path: Path, shards: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _card_measurements(info: dict[str, Any]) -> list[str]:
+    lines = []
+    quality = info.get("quality")
+    if quality:
+        lines.append(
+            f"Loss {quality['loss']:.4f} (perplexity {quality['perplexity']:.2f}) on "
+            f"{quality['eval_tokens']:,} tokens of {quality['data']}"
+        )
+    latency = info.get("latency") or {}
+    target = (latency.get("target") or {}).get("name")
+    if latency.get("measured_ms") is not None:
+        lines.append(
+            f"Latency on {target}: {latency['measured_ms']:.3f} ms (median), "
+            f"{latency['speedup_vs_full']:.2f}x faster than the full model timed alongside"
+        )
+    elif latency.get("not_measured"):
+        lines.append(f"Latency not measured: {latency['not_measured']}")
+    if latency.get("predicted_ms") is not None:
+        lines.append(f"Predicted latency on {target}: {latency['predicted_ms']:.3f} ms")
+    return lines
+
+
 def _model_card(info: dict[str, Any]) -> str:
     source = info.get("source_path") or "an in-memory Gemma 3n model"
     widths = info["widths"]
@@ -1165,6 +1187,7 @@ def _model_card(info: dict[str, Any]) -> str:
         if check.get("verified")
         else "Not verified after export."
     )
+    measured = "".join(f"- {line}\n" for line in _card_measurements(info))
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -1187,7 +1210,7 @@ tags:
 - Parameters (text model): {info["params"]:,}; effective (without embedding tables):
   {info["effective_params"]:,}
 - Widths per source layer (0 = layer skipped): {",".join(str(w) for w in widths)}
-
+{measured}
 {verified}
 
 ```python

@@ -18,9 +18,11 @@ import pandas as pd
 from mnm_search.checkpoint import atomic_directory
 from mnm_search.config import run_length_widths
 from mnm_search.data import EvalSet
-from mnm_search.errors import ExportError
+from mnm_search.errors import ConfigError, DeviceError, ExportError
 from mnm_search.families.gemma3n import EXPORT_INFO_FILE, Gemma3nFamily
+from mnm_search.families.gemma3n_profile import measure_gemma3n_latency
 from mnm_search.latency import LatencyModel
+from mnm_search.targets import HardwareTarget
 
 Progress = Callable[[str], None]
 
@@ -33,6 +35,7 @@ def export_gemma3n(
     eval_set: EvalSet | None = None,
     data_name: str = "bundled validation text",
     latency_model: LatencyModel | None = None,
+    target: HardwareTarget | None = None,
     provenance: dict[str, Any] | None = None,
     overwrite: bool = False,
     max_shard_size: int | str = "2GB",
@@ -40,7 +43,12 @@ def export_gemma3n(
 ) -> list[dict[str, Any]]:
     """Export `(trial, widths)` members as HF checkpoints; one member goes to `out` itself,
     several to `out/trial-NNNN/` plus `out/front.csv` (all or nothing). Returns one report
-    (what `mnm.json` records) per member."""
+    (what `mnm.json` records) per member.
+
+    With a `target` (default: the latency model's), each member's in-place sliced model (which
+    computes what the written checkpoint computes) is timed interleaved with the full model;
+    a target the loaded model cannot run as is (another device or dtype) records why not.
+    """
     if not members:
         raise ExportError("nothing to export: the front is empty")
     for _, widths in members:
@@ -50,6 +58,7 @@ def export_gemma3n(
         "eval_set": eval_set,
         "data_name": data_name,
         "latency_model": latency_model,
+        "target": target if target is not None else getattr(latency_model, "target", None),
         "provenance": provenance,
         "max_shard_size": max_shard_size,
         "progress": progress,
@@ -81,6 +90,7 @@ def _export_one(
     eval_set: EvalSet | None,
     data_name: str,
     latency_model: LatencyModel | None,
+    target: HardwareTarget | None,
     provenance: dict[str, Any] | None,
     max_shard_size: int | str,
     progress: Progress,
@@ -100,10 +110,17 @@ def _export_one(
             "eval_tokens": eval_set.n_tokens,
             "data": data_name,
         }
-    if latency_model is not None:
+    predicted = latency_model.predict_ms(widths) if latency_model is not None else None
+    if target is not None:
+        metadata["latency"] = {
+            "target": target.to_dict(),
+            "predicted_ms": _round(predicted),
+            **_measured_latency(family, target, widths, predicted, progress),
+        }
+    elif latency_model is not None:
         metadata["latency"] = {
             "target": latency_model.target.to_dict(),
-            "predicted_ms": round(latency_model.predict_ms(widths), 4),
+            "predicted_ms": _round(predicted),
         }
     progress(f"writing and verifying {compact}")
     try:
@@ -113,6 +130,53 @@ def _export_one(
     except OSError as exc:
         raise ExportError(f"writing {out} failed ({exc}); nothing was written") from exc
     return {"path": str(out), **json.loads((out / EXPORT_INFO_FILE).read_text())}
+
+
+def _measured_latency(
+    family: Gemma3nFamily,
+    target: HardwareTarget,
+    widths: list[int],
+    predicted: float | None,
+    progress: Progress,
+) -> dict[str, Any]:
+    dtype = str(family.dtype).removeprefix("torch.")
+    if target.dtype != dtype:
+        return {
+            "measured_ms": None,
+            "not_measured": f"target {target.name!r} runs in {target.dtype}, but the checkpoint "
+            f"is {dtype} and export never converts it; time it with a {dtype} target",
+        }
+    full = family.full_widths()
+    configs = [widths] if widths == full else [widths, full]
+    label = f"timing {run_length_widths(widths)} and the full model on {target.name}"
+    progress(label)
+    try:
+        stats = measure_gemma3n_latency(
+            family,
+            target,
+            configs,
+            on_round=lambda done: progress(f"{label}: round {done}/{target.repeats}"),
+        )
+    except (ConfigError, DeviceError) as exc:  # e.g. a bfloat16 checkpoint, a float32 target
+        return {"measured_ms": None, "not_measured": str(exc)}
+    member, whole = stats[0], stats[-1]
+    return {
+        "measured_ms": _round(member.median_ms),
+        "measured_p10_ms": _round(member.p10_ms),
+        "measured_p90_ms": _round(member.p90_ms),
+        "error_pct": (
+            _round(100.0 * (predicted - member.median_ms) / member.median_ms, 2)
+            if predicted is not None
+            else None
+        ),
+        "full_model_measured_ms": _round(whole.median_ms),
+        "speedup_vs_full": _round(whole.median_ms / member.median_ms, 3),
+        "repeats": member.n,
+    }
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _summary_row(report: dict[str, Any]) -> dict[str, Any]:
@@ -126,5 +190,7 @@ def _summary_row(report: dict[str, Any]) -> dict[str, Any]:
         "params": report["params"],
         "effective_params": report["effective_params"],
         "predicted_ms": latency.get("predicted_ms"),
+        "measured_ms": latency.get("measured_ms"),
+        "speedup_vs_full": latency.get("speedup_vs_full"),
         "max_abs_logit_diff": report["verification"].get("max_abs_logit_diff"),
     }

@@ -228,6 +228,32 @@ def profile_gemma3n(
 # ------------------------------------------------------------------------ configurations
 
 
+def measure_gemma3n_latency(
+    family: Gemma3nFamily,
+    target: HardwareTarget,
+    configs: Sequence[Sequence[int]],
+    *,
+    on_round: Callable[[int], None] | None = None,
+) -> list[TimingStats]:
+    """End-to-end latency of each configuration's in-place sliced model on `target`.
+
+    The configurations are timed interleaved (`target.repeats` rounds), so their ratios hold
+    even while the machine drifts. The model must already be on the target's device and in
+    its dtype (a `ConfigError` says how otherwise): measuring never copies it.
+    """
+    device = _check_target(family, target)
+    with pinned_threads(target.threads), torch.inference_mode():
+        return _measure_configs(
+            family,
+            target,
+            device,
+            configs,
+            repeats=target.repeats,
+            seed=target.seed,
+            on_round=on_round or (lambda done: None),
+        )
+
+
 def table_widths(family: Gemma3nFamily) -> list[int]:
     """Every multiple of the family's step up to the widest stored FFN: the table's widths."""
     return list(range(family.step, max(family.stored_widths) + 1, family.step))
