@@ -157,7 +157,7 @@ def _measured_latency(
             configs,
             on_round=lambda done: progress(f"{label}: round {done}/{target.repeats}"),
         )
-    except (ConfigError, DeviceError) as exc:  # e.g. a bfloat16 checkpoint, a float32 target
+    except (ConfigError, DeviceError) as exc:  # e.g. a CUDA target, the model on the CPU
         return {"measured_ms": None, "not_measured": str(exc)}
     member, whole = stats[0], stats[-1]
     return {
