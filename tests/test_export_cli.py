@@ -174,3 +174,28 @@ def test_failure_half_way_leaves_nothing(workdir: Path, monkeypatch: pytest.Monk
     assert result.exit_code == 1
     assert "No space left on device" in result.output and "nothing was written" in result.output
     assert sorted(p.name for p in workdir.iterdir()) == ["res", "tiny-ckpt", "tiny.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("max_len", "dtype", "name", "seq_len", "description"),
+    [
+        (4096, None, "cpu-prefill", 128, "CPU prefill, batch 1, 128 tokens"),
+        (64, None, "cpu-prefill", 64, "CPU prefill, batch 1, 64 tokens"),
+        (
+            4096,
+            "bfloat16",
+            "cpu-prefill-bfloat16",
+            128,
+            "CPU prefill, batch 1, 128 tokens, bfloat16",
+        ),
+        (32, "float16", "cpu-prefill-float16", 32, "CPU prefill, batch 1, 32 tokens, float16"),
+    ],
+)
+def test_default_measurement_target_fits_the_model(
+    max_len: int, dtype: str | None, name: str, seq_len: int, description: str
+) -> None:
+    from mnm_search.cli._export import cpu_prefill_target
+
+    target = cpu_prefill_target(max_len=max_len, dtype=dtype)
+    assert (target.name, target.seq_len, target.description) == (name, seq_len, description)
+    assert target.dtype == (dtype or "float32") and target.device == "cpu"

@@ -73,12 +73,23 @@ def _checkpoint_for(ckpt: Path | None, results: Results | None) -> Checkpoint:
 
 def default_measurement_target(checkpoint: Checkpoint) -> HardwareTarget:
     """cpu-prefill; a model shorter than its 128 tokens is timed at its own length."""
+    return cpu_prefill_target(max_len=checkpoint.config.max_seq_len)
+
+
+def cpu_prefill_target(*, max_len: int, dtype: str | None = None) -> HardwareTarget:
+    """cpu-prefill, at most `max_len` tokens long, in `dtype` (default: cpu-prefill's)."""
     fallback = default_target()
-    seq_len = min(fallback.seq_len, checkpoint.config.max_seq_len)
-    if seq_len == fallback.seq_len:
+    seq_len = min(fallback.seq_len, max_len)
+    dtype = dtype or fallback.dtype
+    if seq_len == fallback.seq_len and dtype == fallback.dtype:
         return fallback
+    in_dtype = "" if dtype == fallback.dtype else f", {dtype}"
     return dataclasses.replace(
-        fallback, seq_len=seq_len, description=f"CPU prefill, batch 1, {seq_len} tokens"
+        fallback,
+        name=fallback.name if dtype == fallback.dtype else f"{fallback.name}-{dtype}",
+        dtype=dtype,
+        seq_len=seq_len,
+        description=f"CPU prefill, batch 1, {seq_len} tokens{in_dtype}",
     )
 
 
@@ -312,7 +323,11 @@ def _export_gemma3n(
     elif latency_model is not None:
         measure_on = latency_model.target
     else:
-        measure_on = _gemma3n.default_measurement_target(family)
+        # In the checkpoint's own dtype: export never converts the model.
+        measure_on = cpu_prefill_target(
+            max_len=int(family.config.max_position_embeddings),
+            dtype=str(family.dtype).removeprefix("torch."),
+        )
     _gemma3n.export(
         members,
         out_dir,

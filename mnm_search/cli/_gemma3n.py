@@ -7,7 +7,6 @@ which `families.load_gemma3n` reports clearly when it is missing.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from mnm_search.cli._profile import load_profile_for, print_validation, stage_pr
 from mnm_search.config import run_length_widths
 from mnm_search.errors import ExportError
 from mnm_search.families import load_gemma3n
-from mnm_search.targets import HardwareTarget, default_target
+from mnm_search.targets import HardwareTarget
 
 FAMILY_NAME = "Gemma 3n"
 
@@ -257,21 +256,6 @@ def export(
 
 def _ms(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "-"
-
-
-def default_measurement_target(family: Any) -> HardwareTarget:
-    """cpu-prefill in the checkpoint's own dtype (export never converts the model), at most
-    as many tokens as the model has positions."""
-    fallback = default_target()
-    dtype = str(family.dtype).removeprefix("torch.")
-    seq_len = min(fallback.seq_len, int(family.config.max_position_embeddings))
-    return dataclasses.replace(
-        fallback,
-        name=f"cpu-prefill-{dtype}" if dtype != fallback.dtype else fallback.name,
-        dtype=dtype,
-        seq_len=seq_len,
-        description=f"CPU prefill, batch 1, {seq_len} tokens, {dtype}",
-    )
 
 
 def check_ckpt_matches(family: Any, expected: str | None, results_dir: Path) -> None:
