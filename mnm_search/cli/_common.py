@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from mnm_search.errors import MnmError
 
@@ -109,3 +110,22 @@ def refuse_step(step: int | None) -> None:
             "--step applies to Gemma 3n checkpoints only; a native checkpoint's widths are its "
             "trained granularities (see mnm info)"
         )
+
+
+def print_eval_result(result: dict[str, Any]) -> None:
+    """The table of `mnm eval` (both families) from its JSON result."""
+    table = Table(title=f"eval {result['widths_compact']}")
+    columns = ["loss (nats/token)", "perplexity", "params"]
+    cells = [f"{result['loss']:.4f}", f"{result['perplexity']:.3f}", f"{result['params']:,}"]
+    if "effective_params" in result:
+        columns.append("effective")
+        cells.append(f"{result['effective_params']:,}")
+    columns += ["tokens", "seconds"]
+    cells += [f"{result['n_tokens']:,}", f"{result['eval_seconds']:.2f}"]
+    if "latency_ms" in result:
+        columns.append(f"latency ms ({result['latency_target']}, predicted)")
+        cells.append(f"{result['latency_ms']:.3f}")
+    for column in columns:
+        table.add_column(column, justify="right")
+    table.add_row(*cells)
+    out.print(table)

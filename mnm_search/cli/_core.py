@@ -22,6 +22,7 @@ from mnm_search.cli._common import (
     err,
     family_of,
     out,
+    print_eval_result,
     print_json,
     progress_bar,
     refuse_step,
@@ -196,23 +197,7 @@ def eval_command(
     if as_json:
         print_json(result)
         return
-    table = Table(title=f"eval {result['widths_compact']}")
-    columns = ["loss (nats/token)", "perplexity", "params", "tokens", "seconds"]
-    if latency is not None:
-        columns.append(f"latency ms ({latency.target.name}, predicted)")
-    for column in columns:
-        table.add_column(column, justify="right")
-    cells = [
-        f"{loss:.4f}",
-        f"{math.exp(loss):.3f}",
-        f"{result['params']:,}",
-        f"{eval_set.n_tokens:,}",
-        f"{seconds:.2f}",
-    ]
-    if latency is not None:
-        cells.append(f"{result['latency_ms']:.3f}")
-    table.add_row(*cells)
-    out.print(table)
+    print_eval_result(result)
 
 
 @user_errors

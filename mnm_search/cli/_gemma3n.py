@@ -14,8 +14,13 @@ from typing import Any
 
 from rich.table import Table
 
-from mnm_search.cli._common import err, out, print_json
-from mnm_search.cli._profile import load_profile_for, print_validation, stage_progress
+from mnm_search.cli._common import err, out, print_eval_result, print_json
+from mnm_search.cli._profile import (
+    load_profile_for,
+    print_profile_header,
+    print_validation,
+    stage_progress,
+)
 from mnm_search.config import run_length_widths
 from mnm_search.errors import ExportError
 from mnm_search.families import load_gemma3n
@@ -113,24 +118,7 @@ def evaluate(
     if as_json:
         print_json(result)
         return
-    table = Table(title=f"eval {result['widths_compact']}")
-    columns = ["loss (nats/token)", "perplexity", "params", "effective", "tokens", "seconds"]
-    if latency is not None:
-        columns.append(f"latency ms ({latency.target.name}, predicted)")
-    for column in columns:
-        table.add_column(column, justify="right")
-    cells = [
-        f"{loss:.4f}",
-        f"{math.exp(loss):.3f}",
-        f"{result['params']:,}",
-        f"{result['effective_params']:,}",
-        f"{eval_set.n_tokens:,}",
-        f"{seconds:.2f}",
-    ]
-    if latency is not None:
-        cells.append(f"{result['latency_ms']:.3f}")
-    table.add_row(*cells)
-    out.print(table)
+    print_eval_result(result)
 
 
 def load_for_target(ckpt: Path, target: HardwareTarget, *, step: int | None) -> Any:
@@ -168,13 +156,7 @@ def profile_loaded(
 
 
 def print_profile_summary(result: dict[str, Any]) -> None:
-    target, device = result["target"], result["device"]
-    hardware = device.get("gpu_name") or device.get("cpu_model")
-    out.print(
-        f"[bold]{target['name']}[/]: {target['device']} {target['dtype']} on {hardware}, "
-        f"torch {device['torch_version']}, threads {device['threads']}",
-        highlight=False,
-    )
+    print_profile_header(result)
     table_info = result["ffn_table"]
     widths = table_info["widths"]
     layers = Table(title="Decoder layer time (ms, median) at each FFN width")

@@ -153,8 +153,8 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def print_summary(result: dict[str, Any], config: ModelConfig) -> None:
-    """Rich tables: per-layer FFN times, fixed costs, uniform models, validation."""
+def print_profile_header(result: dict[str, Any]) -> None:
+    """One line: the target and the machine a profile was measured on."""
     target, device = result["target"], result["device"]
     hardware = device.get("gpu_name") or device.get("cpu_model")
     out.print(
@@ -162,6 +162,11 @@ def print_summary(result: dict[str, Any], config: ModelConfig) -> None:
         f"torch {device['torch_version']}, threads {device['threads']}",
         highlight=False,
     )
+
+
+def print_summary(result: dict[str, Any], config: ModelConfig) -> None:
+    """Rich tables: per-layer FFN times, fixed costs, uniform models, validation."""
+    print_profile_header(result)
     table_info = result["ffn_table"]
     widths = table_info["widths"]
     names = dict(zip(config.granularities, config.granularity_names))
