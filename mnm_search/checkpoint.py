@@ -12,11 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mnm_search._files import atomic_directory
 from mnm_search.config import ModelConfig
 from mnm_search.errors import CheckpointError, ConfigError
 from mnm_search.model import MatLM
@@ -35,6 +31,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# safetensors header dtype names of the float dtypes a checkpoint may store.
+_FLOAT_HEADER_DTYPES = {"F32", "F16", "BF16", "F64"}
+# A config.json is a few kB; refusing big ones keeps a hostile file from filling memory.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -65,31 +65,6 @@ def fingerprint(model: MatLM) -> str:
         digest.update(str(list(tensor.shape)).encode())
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-@contextmanager
-def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that becomes `out` only if the block succeeds.
-
-    An interrupted or failed write leaves `out` untouched (old content or nothing).
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose another path or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_checkpoint_files(
@@ -149,16 +124,31 @@ def read_config(path: str | Path) -> dict[str, Any]:
                 f"next to a config.json"
             )
         raise CheckpointError(f"{path} has no {CONFIG_FILE}; is it a checkpoint directory?")
+    size = config_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointError(
+            f"{config_path} is {size:,} bytes; a model config is a few kB (at most "
+            f"{MAX_CONFIG_BYTES:,} bytes accepted); is it the right file?"
+        )
     try:
-        data = json.loads(config_path.read_text())
+        data = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+        raise CheckpointError(
+            f"{config_path} is not valid JSON ({exc}); restore it from the checkpoint's source"
+        ) from exc
+    except RecursionError:  # deeply nested arrays: the json module gives up
+        raise CheckpointError(f"{config_path} is nested too deeply to be a model config") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object")
     return data
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The tensors of `<path>/model.safetensors`, checked against `expected` shapes first.
+
+    Names, shapes and dtypes come from the file's header, so a file that does not match the
+    config is refused before its data is read.
+    """
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -169,12 +159,44 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
             else ""
         )
         raise CheckpointError(f"{path} has no {WEIGHTS_FILE}{hint}")
+    corrupt = f"{weights_path} is corrupt or truncated"
+    fix = "re-copy the checkpoint or export it again"
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            header = {
+                name: (tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
+                for name in handle.keys()  # noqa: SIM118 - safe_open has keys(), no iteration
+            }
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{corrupt} ({exc}); {fix}") from exc
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing[:6])}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(unexpected[:6])}")
+        raise CheckpointError(
+            f"{weights_path} does not match {CONFIG_FILE} ({'; '.join(parts)}); the config "
+            f"and weights do not belong together: {fix}"
+        )
+    for name, shape in expected.items():
+        stored, dtype = header[name]
+        if stored != shape:
+            raise CheckpointError(
+                f"{weights_path}: tensor {name} has shape {list(stored)} but {CONFIG_FILE} "
+                f"implies {list(shape)}; the config and weights do not belong together: {fix}"
+            )
+        if dtype not in _FLOAT_HEADER_DTYPES:
+            raise CheckpointError(
+                f"{weights_path}: tensor {name} has dtype {dtype}, but weights must be floats "
+                f"({', '.join(sorted(_FLOAT_HEADER_DTYPES))}); {fix}"
+            )
     try:
         return load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{weights_path} is corrupt or truncated ({exc}); re-copy or re-export it"
-        ) from exc
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{corrupt} ({exc}); {fix}") from exc
 
 
 def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
@@ -185,36 +207,24 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
         raise CheckpointError(
             f"{path} has format {data.get('format')!r}; this loader reads {FORMAT!r} checkpoints"
         )
+    config_path = path / CONFIG_FILE
     try:
         config = ModelConfig.from_dict(data)
+        # Before any allocation: a 1 kB config may describe terabytes of weights.
+        check_fits_in_memory(config, where=str(config_path))
     except ConfigError as exc:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {exc}") from exc
-    tensors = _load_tensors(path)
+        raise CheckpointError(f"{config_path}: {exc}") from exc
 
     with torch.device("meta"):
         model = MatLM(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors: {', '.join(missing[:6])}")
-        if unexpected:
-            parts.append(f"unexpected tensors: {', '.join(unexpected[:6])}")
-        raise CheckpointError(
-            f"{path / WEIGHTS_FILE} does not match {CONFIG_FILE} ({'; '.join(parts)})"
-        )
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise CheckpointError(
-                f"tensor {name} has shape {list(tensors[name].shape)} but {CONFIG_FILE} "
-                f"implies {list(shape)}; the config and weights do not belong together"
-            )
-        if not tensors[name].is_floating_point():
-            raise CheckpointError(f"tensor {name} has dtype {tensors[name].dtype}, not float")
+    tensors = _load_tensors(path, expected)
+    for name in expected:
         if not torch.isfinite(tensors[name]).all():
-            raise CheckpointError(f"tensor {name} holds NaN or infinite values")
+            raise CheckpointError(
+                f"{path / WEIGHTS_FILE}: tensor {name} holds NaN or infinite values; the "
+                f"weights are damaged: re-copy the checkpoint or export it again"
+            )
     state = {name: t.to(torch.float32) for name, t in tensors.items()}
     model.load_state_dict(state, assign=True)
     model.eval()

@@ -7,8 +7,6 @@ and `run.json`; `widths` is a comma-separated string of ints, one per layer.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import numpy as np
 import pandas as pd
 from optuna._hypervolume import compute_hypervolume
 
+from mnm_search._files import atomic_write_text
 from mnm_search.errors import MnmError
 
 TRIALS_FILE = "trials.csv"
@@ -115,17 +114,6 @@ def parse_widths_column(text: str) -> list[int]:
     return [int(w) for w in str(text).split(",")]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_results(
     results_dir: str | Path,
     trials: pd.DataFrame,
@@ -136,9 +124,9 @@ def write_results(
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     front = pareto_front(trials, objectives) if not trials.empty else trials
-    _atomic_write_text(results_dir / TRIALS_FILE, trials.to_csv(index=False))
-    _atomic_write_text(results_dir / PARETO_FILE, front.to_csv(index=False))
-    _atomic_write_text(results_dir / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
+    atomic_write_text(results_dir / TRIALS_FILE, trials.to_csv(index=False))
+    atomic_write_text(results_dir / PARETO_FILE, front.to_csv(index=False))
+    atomic_write_text(results_dir / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
     return front
 
 

@@ -7,7 +7,7 @@ Figures are built without pyplot, so no global state and no display: PNGs render
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 
+from mnm_search._files import atomic_write_bytes
 from mnm_search.errors import ConfigError
 
 # cost column -> (axis label, unit, scale from the column's unit to the displayed one)
@@ -232,11 +233,6 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write a PNG atomically: a failed write leaves the previous image (or nothing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -17,10 +17,8 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import os
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +29,7 @@ from typing import Any
 
 import torch
 
+from mnm_search._files import atomic_write_text
 from mnm_search.checkpoint import Checkpoint
 from mnm_search.config import ModelConfig
 from mnm_search.errors import ConfigError, DeviceError, ProfileError
@@ -605,14 +604,5 @@ def write_profile(profile: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_json_safe(profile), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path

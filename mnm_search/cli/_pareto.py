@@ -11,6 +11,7 @@ import pandas as pd
 import typer
 from rich.table import Table
 
+from mnm_search._files import atomic_write_text
 from mnm_search.checkpoint import CONFIG_FILE, default_checkpoint_path
 from mnm_search.cli._common import JsonOpt, err, out, print_json, user_errors
 from mnm_search.config import ModelConfig, format_widths, run_length_widths
@@ -182,9 +183,7 @@ def write_outputs(
     `budget` (in the cost column's unit) overrides the search's own constraint, if any.
     """
     csv = results.dir / PARETO_FILE
-    tmp = csv.with_name(f".{csv.name}.tmp")
-    results.front.to_csv(tmp, index=False)
-    tmp.replace(csv)
+    atomic_write_text(csv, results.front.to_csv(index=False))
     uniform, heuristic = results.labelled()
     target = _target_name(results.run_info)
     study = results.run_info.get("study") or results.dir.name
