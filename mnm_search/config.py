@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +20,42 @@ Widths = list[int]
 
 # Names for g=4 follow the paper (S, M, L, XL); `g0..g{n-1}` works for any g.
 _PAPER_NAMES = ("S", "M", "L", "XL")
+
+# Absolute caps on each size, far above any real model (Gemma 3n E4B: 35 layers, d_model
+# 2048, d_ff 16384, vocab 262144). They refuse a tiny config.json that asks for astronomic
+# tensors before anything is allocated; `check_fits_in_memory` then bounds the total.
+MAX_LAYERS = 4096
+SIZE_CAPS = {
+    "d_model": 65_536,
+    "n_layers": MAX_LAYERS,
+    "n_heads": 4096,
+    "d_ff": 1 << 20,
+    "vocab_size": 1 << 22,
+    "max_seq_len": 1 << 20,
+}
+MAX_GRANULARITIES = 64
+
+
+def is_int(value: object) -> bool:
+    """A real integer: `True` and `3.0` are not (JSON and YAML give both easily)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def physical_memory_bytes() -> int | None:
+    """Total RAM of this machine, or None where the OS does not say."""
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return pages * page_size if pages > 0 and page_size > 0 else None
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(size) < 1024 or unit == "PiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} PiB"  # unreachable; keeps type checkers calm
 
 
 @dataclass(frozen=True)
@@ -41,15 +79,32 @@ class ModelConfig:
     family: str = field(default="matlm")
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size", "max_seq_len"):
+        for name, cap in SIZE_CAPS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if value > cap:
+                raise ConfigError(
+                    f"{name} is {value:,}, above the limit of {cap:,}; this config.json does "
+                    f"not describe a model mnm can hold"
+                )
+        if (
+            isinstance(self.norm_eps, bool)
+            or not isinstance(self.norm_eps, (int, float))
+            or not math.isfinite(self.norm_eps)
+            or not 0 < self.norm_eps < 1
+        ):
+            raise ConfigError(
+                f"norm_eps must be a finite number in (0, 1), e.g. 1e-5, got {self.norm_eps!r}"
+            )
+        object.__setattr__(self, "norm_eps", float(self.norm_eps))
+        if not isinstance(self.family, str) or not self.family:
+            raise ConfigError(f"family must be a non-empty string, got {self.family!r}")
         if self.d_model % self.n_heads != 0:
             raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
-        grans = tuple(self.granularities)
+        grans = _int_tuple("granularities", self.granularities, limit=MAX_GRANULARITIES)
         if not grans or list(grans) != sorted(set(grans)) or grans[0] <= 0:
             raise ConfigError(
                 f"granularities must be strictly increasing positive widths, got {list(grans)}"
@@ -60,7 +115,7 @@ class ModelConfig:
             )
         object.__setattr__(self, "granularities", grans)
         if self.ffn_widths is not None:
-            widths = tuple(int(w) for w in self.ffn_widths)
+            widths = _int_tuple("ffn_widths", self.ffn_widths, limit=self.n_layers)
             if len(widths) != self.n_layers or any(w < 0 or w > self.d_ff for w in widths):
                 raise ConfigError(
                     f"ffn_widths must hold {self.n_layers} widths in [0, {self.d_ff}], "
@@ -109,13 +164,44 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"model config is missing required field(s): {', '.join(missing)}")
         kwargs = {k: v for k, v in data.items() if k in known}
-        kwargs["granularities"] = tuple(kwargs["granularities"])
-        if kwargs.get("ffn_widths") is not None:
-            kwargs["ffn_widths"] = tuple(kwargs["ffn_widths"])
         try:
             return cls(**kwargs)
-        except TypeError as exc:  # wrong value types, e.g. a string where an int belongs
+        except TypeError as exc:  # e.g. a field given twice; types are checked in the class
             raise ConfigError(f"invalid model config: {exc}") from exc
+
+
+def _int_tuple(name: str, values: object, *, limit: int) -> tuple[int, ...]:
+    """`values` as a tuple of integers; refuse strings, bools, floats, nested containers."""
+    if isinstance(values, (str, bytes, dict)) or not isinstance(values, Sequence):
+        raise ConfigError(f"{name} must be a list of integers, got {values!r:.200}")
+    if len(values) > limit:
+        raise ConfigError(f"{name} holds {len(values):,} entries, at most {limit:,} are allowed")
+    for index, value in enumerate(values):
+        if not is_int(value):
+            raise ConfigError(f"{name}[{index}] must be an integer, got {value!r:.100}")
+    return tuple(values)
+
+
+def check_fits_in_memory(
+    config: ModelConfig, *, bytes_per_param: int = 8, where: str = "config.json"
+) -> int:
+    """Refuse a config whose weights cannot fit in this machine's RAM; return the estimate.
+
+    Computed from the config alone, before any tensor is allocated. The default 8 bytes per
+    parameter counts the stored copy and the float32 copy that loading makes.
+    """
+    params = param_count(config)
+    needed = params * bytes_per_param
+    total = physical_memory_bytes()
+    if total is not None and needed > total:
+        largest = max(SIZE_CAPS, key=lambda name: getattr(config, name) / SIZE_CAPS[name])
+        raise ConfigError(
+            f"{where} describes {params:,} parameters ({largest} is "
+            f"{getattr(config, largest):,}), about {format_bytes(needed)} to load, but this "
+            f"machine has {format_bytes(total)} of memory; check the config's sizes or use a "
+            f"larger machine"
+        )
+    return needed
 
 
 def param_count(config: ModelConfig, widths: Sequence[int] | None = None) -> int:
@@ -138,24 +224,37 @@ def param_count(config: ModelConfig, widths: Sequence[int] | None = None) -> int
 _REPEAT = re.compile(r"^(?P<item>[^*]+)\*(?P<count>\d+)$")
 
 
-def expand_widths_spec(spec: str | Sequence[int | str]) -> list[str]:
-    """Split `"S,M,L*2"` (or a list) into one stripped entry per layer, repeats expanded."""
+def expand_widths_spec(
+    spec: str | Sequence[int | str], *, max_entries: int = MAX_LAYERS
+) -> list[str]:
+    """Split `"S,M,L*2"` (or a list) into one stripped entry per layer, repeats expanded.
+
+    At most `max_entries` entries (pass the number of layers): a repeat count is checked
+    before it is expanded, so `S*99999999999` is an error, not a memory exhaustion.
+    """
     if isinstance(spec, str):
         raw_items = [item.strip() for item in spec.split(",")]
     else:
         raw_items = [str(item).strip() for item in spec]
     items: list[str] = []
-    for item in raw_items:
+    for position, item in enumerate(raw_items):
         if not item:
-            raise WidthsError(f"empty entry in widths {spec!r}; write one width per layer")
+            raise WidthsError(f"empty entry in widths {spec!r:.200}; write one width per layer")
         match = _REPEAT.match(item)
+        count = 1
         if match:
-            count = int(match["count"])
+            digits = match["count"]
+            # int() of thousands of digits is itself slow/refused; any count this long is wrong.
+            count = int(digits) if len(digits) <= 12 else max_entries + 1
             if count <= 0:
                 raise WidthsError(f"repeat count must be positive in {item!r}")
-            items.extend([match["item"].strip()] * count)
-        else:
-            items.append(item)
+        if len(items) + count > max_entries:
+            raise WidthsError(
+                f"widths give more than {max_entries:,} entries (at entry {position}, "
+                f"{item[:40]!r}), but there are only {max_entries:,} layers; write one width "
+                f"per layer"
+            )
+        items.extend([match["item"].strip() if match else item] * count)
     return items
 
 
@@ -175,7 +274,7 @@ def parse_widths(spec: str | Sequence[int | str], config: ModelConfig) -> Widths
     FFN widths (any value up to the layer's stored width), `0` skips the FFN, and `X*N`
     repeats an entry. Errors name the offending layer.
     """
-    items = expand_widths_spec(spec)
+    items = expand_widths_spec(spec, max_entries=config.n_layers)
     if len(items) != config.n_layers:
         raise WidthsError(
             f"widths {spec!r} give {len(items)} entries, but the checkpoint has "

@@ -35,7 +35,7 @@ def test_parse_widths(spec: str, config: ModelConfig, expected: list[int]) -> No
     ("spec", "config", "message"),
     [
         ("S,M,L", G4, "give 3 entries, but the checkpoint has 4 layers"),
-        ("S*5", G4, "give 5 entries"),
+        ("S*5", G4, r"more than 4 entries \(at entry 0, .S\*5.\), but there are only 4 layers"),
         ("S,M,Q,XL", G4, "layer 2: unknown width 'Q'; use an integer or one of S, M, L, XL"),
         ("S,M,L,65", G4, r"layer 3: width 65 is outside \[0, 64\]"),
         ("S,-1,L,XL", G4, r"layer 1: width -1 is outside"),
