@@ -21,7 +21,26 @@ from mnm_search.errors import ConfigError
 
 PHASES = ("prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d{1,3})?)$")
+# The name ends up in file names (`profile-NAME.json`): one plain path component, no `..`.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A target file is a dozen lines; anything much bigger is not one.
+MAX_TARGET_BYTES = 64 * 1024
+MAX_DESCRIPTION_CHARS = 1000
+# Upper bounds per integer field: far above any real setting, low enough that a typo or a
+# hostile file cannot ask for terabytes of activations or days of timing.
+_INT_FIELDS = {
+    # field: (minimum, maximum)
+    "threads": (1, 1024),
+    "batch": (1, 4096),
+    "seq_len": (1, 1 << 20),
+    "context_len": (0, 1 << 20),
+    "repeats": (3, 10_000),
+    "warmup": (0, 1000),
+    "calibration": (4, 10_000),
+    "validation": (3, 10_000),
+    "seed": (0, 2**32 - 1),
+}
 
 
 @dataclass(frozen=True)
@@ -46,32 +65,36 @@ class HardwareTarget:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise ConfigError(f"target field 'name' must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.name, str) or not _NAME.match(self.name) or ".." in self.name:
+            raise ConfigError(
+                f"target field 'name' must be a plain name of letters, digits, '.', '_' and "
+                f"'-' (at most 64, no '/' or '..'; it becomes part of file names), got "
+                f"{self.name!r:.80}"
+            )
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):
             raise ConfigError(
-                f"target field 'device' must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+                f"target field 'device' must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r:.80}"
             )
         if self.dtype not in DTYPES:
             raise ConfigError(
-                f"target field 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+                f"target field 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r:.80}"
             )
         if self.phase not in PHASES:
             raise ConfigError(
-                f"target field 'phase' must be one of {', '.join(PHASES)}, got {self.phase!r}"
+                f"target field 'phase' must be one of {', '.join(PHASES)}, got {self.phase!r:.80}"
+            )
+        if not isinstance(self.description, str) or len(self.description) > MAX_DESCRIPTION_CHARS:
+            raise ConfigError(
+                f"target field 'description' must be a string of at most "
+                f"{MAX_DESCRIPTION_CHARS} characters, got {self.description!r:.80}"
             )
         if self.seq_len is None:
             object.__setattr__(self, "seq_len", 128 if self.phase == "prefill" else 1)
-        if self.threads is not None:
-            _check_int("threads", self.threads, minimum=1, allowed="an integer >= 1 or null")
-        _check_int("batch", self.batch, minimum=1)
-        _check_int("seq_len", self.seq_len, minimum=1)
-        _check_int("context_len", self.context_len, minimum=0)
-        _check_int("repeats", self.repeats, minimum=3)
-        _check_int("warmup", self.warmup, minimum=0)
-        _check_int("calibration", self.calibration, minimum=4)
-        _check_int("validation", self.validation, minimum=3)
-        _check_int("seed", self.seed, minimum=0)
+        for name, (minimum, maximum) in _INT_FIELDS.items():
+            value = getattr(self, name)
+            if name == "threads" and value is None:
+                continue  # torch's default
+            _check_int(name, value, minimum=minimum, maximum=maximum)
         if self.phase == "prefill" and self.context_len != 0:
             raise ConfigError(
                 f"target field 'context_len' must be 0 for phase 'prefill' (prefill starts "
@@ -110,10 +133,11 @@ class HardwareTarget:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
+        # repr before sorting: YAML keys may be numbers or null, which do not sort with str.
+        unknown = sorted(repr(key)[:40] for key in data if key not in fields)
         if unknown:
             raise ConfigError(
-                f"{source}: unknown field(s) {', '.join(map(repr, unknown))}; allowed fields: "
+                f"{source}: unknown field(s) {', '.join(unknown[:10])}; allowed fields: "
                 f"{', '.join(fields)}"
             )
         for required in ("device", "phase"):
@@ -132,11 +156,31 @@ class HardwareTarget:
             raise ConfigError(f"{source}: {exc}") from None
 
 
-def _check_int(field: str, value: Any, *, minimum: int, allowed: str | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+def _check_int(field: str, value: Any, *, minimum: int, maximum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        null = " (or null for torch's default)" if field == "threads" else ""
         raise ConfigError(
-            f"target field {field!r} must be {allowed or f'an integer >= {minimum}'}, got {value!r}"
+            f"target field {field!r} must be an integer from {minimum:,} to {maximum:,}{null}, "
+            f"got {value!r:.80}"
         )
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases.
+
+    A target never needs them, and aliases let a few hundred bytes expand into billions of
+    nodes (the "billion laughs" alias bomb).
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            mark = event.start_mark
+            raise ConfigError(
+                f"{self.name} line {mark.line + 1}: YAML anchors and aliases (&name, *name) are "
+                f"not allowed in a target file; write each value out"
+            )
+        return super().compose_node(parent, index)
 
 
 def load_target(path: str | Path) -> HardwareTarget:
@@ -146,15 +190,37 @@ def load_target(path: str | Path) -> HardwareTarget:
         shipped = sorted(p.name for p in default_profiles_dir().glob("*.yaml"))
         hint = f"; shipped targets: {', '.join(shipped)}" if shipped else ""
         raise ConfigError(f"target file {path} does not exist{hint}")
+    size = path.stat().st_size
+    if size > MAX_TARGET_BYTES:
+        raise ConfigError(
+            f"target file {path} is {size:,} bytes; a target is a few lines (at most "
+            f"{MAX_TARGET_BYTES:,} bytes accepted); is it the right file?"
+        )
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"target file {path} is not UTF-8 text ({exc})") from None
+    loader = _NoAliasLoader(text)
+    loader.name = str(path)
+    try:
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a target file") from None
+    finally:
+        loader.dispose()
     if data is None:
         raise ConfigError(f"{path} is empty; it needs at least 'device' and 'phase'")
     if isinstance(data, dict):
-        data.setdefault("name", path.stem)
+        data.setdefault("name", _name_from_stem(path.stem))
     return HardwareTarget.from_dict(data, source=str(path))
+
+
+def _name_from_stem(stem: str) -> str:
+    """A valid target name from a file name (characters that cannot appear become '-')."""
+    name = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]+", "-", stem)).strip(".-_")[:64]
+    return name or "target"
 
 
 def default_profiles_dir() -> Path:
