@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +24,16 @@ from typing import Any
 
 import numpy as np
 
+from mnm_search.config import MAX_LAYERS, SIZE_CAPS
 from mnm_search.errors import ConfigError, ProfileError, WidthsError
 from mnm_search.targets import HardwareTarget, hardware_differences, machine_facts
 
 PROFILE_FORMAT = "mnm-latency-profile"
 PROFILE_VERSION = 1
 FEATURES = ("constant", "ffn_table_ms", "ffn_width_fraction")
+# A profile of a 4096-layer model with a dozen widths is a few MB; far bigger is not ours.
+MAX_PROFILE_BYTES = 64 * 1024 * 1024
+RERUN = "re-run `mnm profile` to write a fresh one"
 INTERPOLATION = (
     "linear in width between measured widths; below the smallest measured width, linear "
     "extrapolation of the two smallest (floored at 0); width 0 (skipped FFN) costs 0"
@@ -49,21 +54,50 @@ class LatencyModel:
         fixed_ms: float,
         coefficients: Sequence[float] | None = None,
     ) -> None:
-        widths = [int(w) for w in measured_widths]
-        if not widths or widths != sorted(set(widths)) or widths[0] <= 0:
+        if not isinstance(fingerprint, str) or not fingerprint:
             raise ProfileError(
-                f"measured_widths must be strictly increasing positive widths, got {widths}"
+                f"checkpoint fingerprint must be a non-empty string, got {fingerprint!r:.80}"
             )
-        if not ffn_ms or any(len(row) != len(widths) for row in ffn_ms):
+        if not _is_integer(d_ff) or not 0 < d_ff <= SIZE_CAPS["d_ff"]:
+            raise ProfileError(
+                f"d_ff must be an integer from 1 to {SIZE_CAPS['d_ff']:,}, got {d_ff!r:.80}"
+            )
+        widths = _number_list("measured_widths", measured_widths, integers=True)
+        if not widths or widths != sorted(set(widths)) or widths[0] <= 0 or widths[-1] > d_ff:
+            raise ProfileError(
+                f"measured_widths must be strictly increasing widths in [1, d_ff={d_ff}], "
+                f"got {widths}"
+            )
+        if isinstance(ffn_ms, (str, bytes)) or not isinstance(ffn_ms, Sequence):
+            raise ProfileError(f"ffn_ms must be a list of rows, got {ffn_ms!r:.80}")
+        if not 0 < len(ffn_ms) <= MAX_LAYERS:
+            raise ProfileError(
+                f"ffn_ms must hold one row per layer (1 to {MAX_LAYERS:,}), got {len(ffn_ms)} rows"
+            )
+        table = [_number_list(f"ffn_ms[{i}]", row) for i, row in enumerate(ffn_ms)]
+        if any(len(row) != len(widths) for row in table):
             raise ProfileError(
                 f"ffn_ms must hold one row of {len(widths)} times per layer, got "
-                f"{[len(row) for row in ffn_ms]}"
+                f"{[len(row) for row in table]}"
             )
-        if coefficients is not None and len(coefficients) != len(FEATURES):
-            raise ProfileError(
-                f"coefficients must hold {len(FEATURES)} values ({', '.join(FEATURES)}), "
-                f"got {list(coefficients)}"
-            )
+        for layer, row in enumerate(table):
+            for j, value in enumerate(row):
+                if value < 0:  # a time; also catches what NaN/inf checks in _number_list miss
+                    raise ProfileError(
+                        f"ffn_ms[{layer}][{j}] (layer {layer}, width {widths[j]}) must be a "
+                        f"time >= 0 ms, got {value!r}"
+                    )
+        fixed = _number("fixed_ms", fixed_ms)
+        if fixed < 0:
+            raise ProfileError(f"fixed_ms must be a time >= 0 ms, got {fixed!r}")
+        if coefficients is not None:
+            coefficients = _number_list("coefficients", coefficients)
+            if len(coefficients) != len(FEATURES):
+                raise ProfileError(
+                    f"coefficients must hold {len(FEATURES)} values ({', '.join(FEATURES)}), "
+                    f"got {list(coefficients)}"
+                )
+        ffn_ms, fixed_ms = table, fixed
         self.target = target
         self.fingerprint = fingerprint
         self.d_ff = int(d_ff)
@@ -112,7 +146,16 @@ class LatencyModel:
         """Calibrated end-to-end latency of `widths` in milliseconds."""
         if self.coefficients is None:
             return self.naive_ms(widths)
-        return float(np.dot(self.coefficients, self.features(widths)))
+        predicted = float(np.dot(self.coefficients, self.features(widths)))
+        if not math.isfinite(predicted) or predicted < 0:
+            # Linear calibration can go negative far from its samples; a negative latency
+            # would silently win every search, so it is an error, not a number.
+            raise ProfileError(
+                f"the latency profile's calibration predicts {predicted:.4g} ms for widths "
+                f"{list(widths)}; its coefficients {self.coefficients} do not fit this "
+                f"configuration: {RERUN}"
+            )
+        return predicted
 
     def interpolated_layers(self, widths: Sequence[int]) -> list[int]:
         """Layers whose width was not measured (their time is interpolated)."""
@@ -161,24 +204,39 @@ class LatencyModel:
             )
         try:
             model = profile["latency_model"]
+            checkpoint = profile["checkpoint"]
             target = HardwareTarget.from_dict(profile["target"], source="profile target")
-            return cls(
+            if not isinstance(model, dict) or not isinstance(checkpoint, dict):
+                raise ProfileError(
+                    "fields 'latency_model' and 'checkpoint' must be JSON objects; " + RERUN
+                )
+            latency = cls(
                 target=target,
-                fingerprint=str(profile["checkpoint"]["fingerprint"]),
-                d_ff=int(profile["checkpoint"]["d_ff"]),
+                fingerprint=checkpoint["fingerprint"],
+                d_ff=checkpoint["d_ff"],
                 measured_widths=model["measured_widths"],
                 ffn_ms=model["ffn_ms"],
-                fixed_ms=float(model["fixed_ms"]),
+                fixed_ms=model["fixed_ms"],
                 coefficients=model["coefficients"],
             )
         except KeyError as exc:
             raise ProfileError(
                 f"latency profile lacks {exc.args[0]!r}; re-run `mnm profile`"
             ) from None
-        except (TypeError, ValueError) as exc:
-            raise ProfileError(f"latency profile has an invalid value: {exc}") from None
+        except ProfileError as exc:
+            raise ProfileError(f"latency profile has an invalid value: {exc}; {RERUN}") from None
         except ConfigError as exc:
             raise ProfileError(f"latency profile has an invalid target: {exc}") from None
+        n_layers = checkpoint.get("n_layers")
+        if n_layers is not None and n_layers != latency.n_layers:
+            raise ProfileError(
+                f"latency profile: checkpoint.n_layers is {n_layers!r:.40}, but ffn_ms holds "
+                f"{latency.n_layers} rows (one per layer); {RERUN}"
+            )
+        # The calibrated line must give a usable time at the configurations it was fitted on.
+        for width in latency.measured_widths:
+            latency.predict_ms([width] * latency.n_layers)
+        return latency
 
     @classmethod
     def load(cls, path: str | Path, *, fingerprint: str | None = None) -> LatencyModel:
@@ -186,12 +244,20 @@ class LatencyModel:
         path = Path(path)
         if not path.is_file():
             raise ProfileError(f"latency profile {path} does not exist; create it: mnm profile")
+        size = path.stat().st_size
+        if size > MAX_PROFILE_BYTES:
+            raise ProfileError(
+                f"latency profile {path} is {size:,} bytes, more than a profile can be "
+                f"({MAX_PROFILE_BYTES:,}); is it the right file? Otherwise {RERUN}"
+            )
         try:
-            profile = json.loads(path.read_text())
+            profile = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ProfileError(
                 f"latency profile {path} is corrupt (not valid JSON: {exc}); re-run mnm profile"
             ) from None
+        except RecursionError:
+            raise ProfileError(f"latency profile {path} is nested too deeply; {RERUN}") from None
         try:
             model = cls.from_profile(profile)
         except ProfileError as exc:
@@ -209,6 +275,32 @@ class LatencyModel:
                 stacklevel=2,
             )
         return model
+
+
+def _is_integer(value: Any) -> bool:
+    """An integer, numpy's included; JSON's `true` and `3.0` are not."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _number(field: str, value: Any) -> float:
+    """A finite JSON number (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ProfileError(f"{field} must be a number, got {value!r:.80}")
+    if not math.isfinite(value):
+        raise ProfileError(f"{field} must be finite, got {value!r}")
+    return float(value)
+
+
+def _number_list(field: str, values: Any, *, integers: bool = False) -> list[Any]:
+    """A list of finite numbers (integers where `integers`), each checked by position."""
+    if isinstance(values, (str, bytes, dict)) or not isinstance(values, Sequence):
+        raise ProfileError(f"{field} must be a list of numbers, got {values!r:.80}")
+    if integers:
+        bad = [(i, v) for i, v in enumerate(values) if not _is_integer(v)]
+        if bad:
+            raise ProfileError(f"{field}[{bad[0][0]}] must be an integer, got {bad[0][1]!r:.80}")
+        return [int(v) for v in values]
+    return [_number(f"{field}[{i}]", v) for i, v in enumerate(values)]
 
 
 def validation_metrics(
