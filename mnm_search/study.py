@@ -12,11 +12,13 @@ trials is exact, and trials of workers that died are failed so that a re-run fil
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import time
 import warnings
@@ -30,7 +32,7 @@ import optuna
 import pandas as pd
 from optuna.distributions import CategoricalDistribution
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
 from mnm_search.checkpoint import Checkpoint
@@ -39,6 +41,7 @@ from mnm_search.data import EvalSet
 from mnm_search.errors import ConfigError, SearchError
 from mnm_search.evaluator import CachedEvaluator, eval_subset
 from mnm_search.pareto import format_widths_column, hypervolume, pareto_front, write_results
+from mnm_search.redact import redact, url_secrets
 from mnm_search.space import SearchSpace, param_name
 
 if TYPE_CHECKING:
@@ -64,6 +67,20 @@ JOURNAL_FILE = "study.journal"
 _SETUP_ATTR = "mnm_setup"
 # Every metric of a trial goes into one user attr: each storage write costs an fsync.
 _METRICS_ATTR = "metrics"
+# Why a trial failed (a non-finite loss or cost); such trials count toward the budget.
+_FAIL_ATTR = "fail_reason"
+# A study whose first this-many trials in a row all failed will not do better: stop it.
+_MAX_FAILURES_WITHOUT_SUCCESS = 10
+# What a non-finite metric most likely means, for the failure message.
+_FAIL_HINTS = {
+    "loss": "the checkpoint's weights or norm_eps are not finite; check with mnm eval",
+    "kl": "the checkpoint's weights or norm_eps are not finite; check with mnm eval",
+    "agreement": "the checkpoint's weights or norm_eps are not finite; check with mnm eval",
+    "disagreement": "the checkpoint's weights or norm_eps are not finite; check with mnm eval",
+    "latency_ms": "the latency profile holds non-finite timings; measure again with mnm profile",
+    "params": "the checkpoint's config is inconsistent; check with mnm info",
+    "memory_bytes": "the hardware target is inconsistent; check its YAML",
+}
 # A worker tags its trial milliseconds after Optuna creates it; a trial still untagged after
 # this long belongs to a worker killed in between.
 _STALE_WITHOUT_OWNER = timedelta(seconds=10)
@@ -157,6 +174,8 @@ class SearchProgress:
     trials_per_s: float
     best_loss: float | None  # best feasible loss so far
     hypervolume: float | None  # of the feasible front, objectives scaled to the ranges seen
+    n_failed: int = 0  # trials whose evaluation gave a non-finite value (count to the budget)
+    failure: str | None = None  # why the latest failed trial failed, when it is new
 
 
 @dataclass
@@ -238,17 +257,29 @@ def check_feasible(space: SearchSpace, costs: CostModel, limits: dict[str, float
 # -- storage and study set-up ----------------------------------------------------------------
 
 
-def open_storage(storage: str | None, results_dir: Path) -> BaseStorage:
-    """None: a journal file in `results_dir`; a URL (postgresql://, sqlite:///...): RDB."""
+def open_storage(
+    storage: str | None,
+    results_dir: Path,
+    *,
+    on_warning: Callable[[str], None] | None = None,
+) -> BaseStorage:
+    """None: a journal file in `results_dir`; a URL (postgresql://, sqlite:///...): RDB.
+
+    A journal damaged by an interrupted write is repaired first (see `repair_journal`);
+    `on_warning` (default: `warnings.warn`) hears what was repaired.
+    """
     if storage is None:
         results_dir.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(results_dir / JOURNAL_FILE)))
+        return open_journal(results_dir / JOURNAL_FILE, on_warning=on_warning)
     if "://" not in storage:
+        shown = storage if "@" not in storage else "***@" + storage.rsplit("@", 1)[1]
         raise SearchError(
-            f"storage {storage!r} is not a database URL; use e.g. "
+            f"storage {shown!r} is not a database URL; use e.g. "
             f"postgresql://user:pass@host/db, or leave --storage out for a file under the "
             f"results directory"
         )
+    _refuse_unencoded_at(storage)
+    secrets = url_secrets(storage)
     url = _with_driver(storage)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("postgres"):
@@ -267,8 +298,27 @@ def open_storage(storage: str | None, results_dir: Path) -> BaseStorage:
                 time.sleep(0.5 * (attempt + 1))
                 continue
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise SearchError(f"cannot open storage {_redact(storage)}: {message}") from None
-    raise SearchError(f"cannot open storage {_redact(storage)}: table creation kept failing")
+            # Drivers quote the URL, or the piece of a password after an unencoded `@`.
+            raise SearchError(
+                f"cannot open storage {redact_url(storage)}: {redact(message, secrets)}"
+            ) from None
+    raise SearchError(f"cannot open storage {redact_url(storage)}: table creation kept failing")
+
+
+def redact_url(url: str) -> str:
+    """URL with its password (userinfo or query parameter) masked, for files and messages."""
+    return redact(url, url_secrets(url))
+
+
+def _refuse_unencoded_at(url: str) -> None:
+    """Refuse a second `@` in user:password@host before connecting: drivers split the URL at
+    the wrong `@` and then quote the rest of the password as a host name in their errors."""
+    authority = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+    if authority.count("@") > 1:
+        raise SearchError(
+            f"storage URL {redact_url(url)} has an unencoded '@' in its user name or password; "
+            f"percent-encode it as %40 (e.g. postgresql://user:p%40ss@host/db)"
+        )
 
 
 def _with_driver(url: str) -> str:
@@ -288,14 +338,162 @@ def _with_driver(url: str) -> str:
     return url
 
 
-def _redact(url: str) -> str:
-    """The URL without its password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-    return url
+# -- the journal file -------------------------------------------------------------------------
+
+# A writer holds the journal lock for one append (milliseconds); a lock this old belongs to a
+# killed process. Optuna releases such a lock after this grace period by itself, provided the
+# lock's symlink target resolves, which needs an absolute journal path.
+_LOCK_GRACE_S = 10
+
+
+@dataclass(frozen=True)
+class JournalRepair:
+    """What `repair_journal` changed: bytes and records dropped, and where the original is."""
+
+    path: Path
+    backup: Path
+    dropped_bytes: int
+    dropped_records: int
+    kept_records: int
+
+    def message(self) -> str:
+        return (
+            f"{self.path} ended in or held a half-written record (an interrupted write, e.g. a "
+            f"full disk): dropped {self.dropped_bytes} bytes ({self.dropped_records} damaged "
+            f"record(s)), kept {self.kept_records} complete records; the original is kept as "
+            f"{self.backup}"
+        )
+
+
+def open_journal(path: Path, *, on_warning: Callable[[str], None] | None = None) -> JournalStorage:
+    """The journal storage at `path`, after clearing a stale lock and repairing a torn tail."""
+    warn = on_warning or (lambda message: warnings.warn(message, stacklevel=3))
+    path = path.absolute()  # relative lock targets defeat Optuna's stale-lock release
+    _clear_stale_lock(path, warn)
+    lock = JournalFileSymlinkLock(str(path), grace_period=_LOCK_GRACE_S)
+    if path.exists():
+        # Under the lock: a record another worker is appending right now is not torn.
+        lock.acquire()
+        try:
+            repair = repair_journal(path)
+        finally:
+            lock.release()
+        if repair is not None:
+            warn(repair.message())
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+
+
+def _clear_stale_lock(journal: Path, warn: Callable[[str], None]) -> None:
+    """Remove a lock left by a killed process: older than the grace period, or a symlink
+    whose (relative) target does not resolve, which Optuna would retry forever."""
+    lock = Path(f"{journal}.lock")  # where JournalFileSymlinkLock puts it
+    try:
+        age = time.time() - lock.lstat().st_mtime
+    except FileNotFoundError:
+        return
+    dangling = lock.is_symlink() and not lock.exists()
+    if age <= _LOCK_GRACE_S and not dangling:
+        return  # possibly held right now by a live worker; Optuna's grace period covers it
+    try:
+        lock.unlink()
+    except FileNotFoundError:
+        return  # another worker cleared it
+    why = "its target does not resolve" if dangling else f"it is {age:.0f} s old"
+    warn(f"removed the stale journal lock {lock} left by a killed process ({why})")
+
+
+def repair_journal(path: Path) -> JournalRepair | None:
+    """Drop the damaged records an interrupted append left in an Optuna journal file.
+
+    Two shapes are recoverable: a torn last line (no newline, or undecodable), and a torn
+    record that the next append continued on the same line (kept: the complete record at the
+    end of that line). The original is copied to `<name>.bak-<time>` first. Any other
+    undecodable record is corruption we cannot undo safely: SearchError, file untouched.
+    Returns None when the file is sound.
+    """
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # the bytes after the last newline: b"" for a sound file
+    kept: list[bytes] = []
+    dropped_records = 0
+    rewrite = False
+    offset = 0
+    for number, line in enumerate(lines, start=1):
+        record = line if _is_record(line) else _salvage(line)
+        if record is None and number == len(lines) and not tail:
+            dropped_records += 1  # an undecodable last line: torn, then newline-terminated
+        elif record is None:
+            backup = _backup(path)
+            raise SearchError(
+                f"{path}: record {number} of {len(lines)} (byte {offset}) is corrupt and "
+                f"{len(lines) - number} records follow it; a copy is kept as {backup}. To "
+                f"resume from the {number - 1} records before it (later trials are lost), run "
+                f"`head -c {offset} {backup} > {path}`, or use another --out/--study"
+            )
+        else:
+            if record is not line:
+                dropped_records += 1
+                rewrite = True
+            kept.append(record)
+        offset += len(line) + 1
+    if tail:
+        dropped_records += 1
+    if dropped_records == 0:
+        return None
+    backup = _backup(path)
+    repaired = b"".join(line + b"\n" for line in kept)
+    if rewrite:
+        _replace_bytes(path, repaired)
+    else:  # only a torn end: truncate in place (same inode for workers that hold it open)
+        os.truncate(path, len(repaired))
+    return JournalRepair(
+        path=path,
+        backup=backup,
+        dropped_bytes=len(data) - len(repaired),
+        dropped_records=dropped_records,
+        kept_records=len(kept),
+    )
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _salvage(line: bytes) -> bytes | None:
+    """The complete record that ends LINE after a torn prefix, if there is one."""
+    start = line.find(b"{", 1)
+    while start != -1:
+        if b'"op_code"' in line[start:] and _is_record(line[start:]):
+            return line[start:]
+        start = line.find(b"{", start + 1)
+    return None
+
+
+def _backup(path: Path) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    backup = path.with_name(f"{path.name}.bak-{stamp}")
+    n = 1
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{path.name}.bak-{stamp}-{n}")
+    shutil.copy2(path, backup)
+    return backup
+
+
+def _replace_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.repair-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def eval_fingerprint(eval_set: EvalSet) -> str:
@@ -475,6 +673,7 @@ def open_study(
                 study_name=study_name, storage=storage, directions=directions
             )
             study.set_user_attr(_SETUP_ATTR, setup)
+            _name_metrics(study, settings)
             return study, True
         except optuna.exceptions.DuplicatedStudyError:
             pass  # another worker created it a moment ago
@@ -490,7 +689,16 @@ def open_study(
             f"use another --study name"
         )
     _check_setup(study_name, stored, setup)
+    if study.metric_names is None:  # created by an older mnm
+        _name_metrics(study, settings)
     return study, False
+
+
+def _name_metrics(study: optuna.Study, settings: SearchSettings) -> None:
+    """Name the objectives (optuna-dashboard shows "Objective 0" otherwise)."""
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, stable in use
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(settings.columns)
 
 
 def seed_configs(
@@ -528,6 +736,32 @@ def _metrics(trial: FrozenTrial) -> dict[str, Any]:
     return trial.user_attrs.get(_METRICS_ATTR, {})
 
 
+def _eval_failed(trial: FrozenTrial) -> bool:
+    """A trial that failed on a non-finite value (not one of a killed worker)."""
+    return trial.state == TrialState.FAIL and _FAIL_ATTR in trial.user_attrs
+
+
+def _failure(metrics: dict[str, Any], columns: Sequence[str]) -> str | None:
+    """Why METRICS cannot be a result: the first of COLUMNS that is missing or not finite."""
+    for column in columns:
+        value = metrics.get(column)
+        if value is not None and math.isfinite(value):
+            continue
+        shown = "NaN" if value is not None and math.isnan(value) else str(value)
+        name = "predicted latency" if column == "latency_ms" else column
+        return f"{name} is {shown} — {_FAIL_HINTS.get(column, 'check the checkpoint')}"
+    return None
+
+
+def _fail_running(study: optuna.Study, worker: str) -> None:
+    """Fail this worker's RUNNING trials: an interrupt that hits sampling or a storage write
+    escapes Optuna's own handling and would leave the trial RUNNING for good."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") == worker:
+            with contextlib.suppress(RuntimeError, ValueError):  # finished meanwhile
+                study.tell(trial.number, state=TrialState.FAIL)
+
+
 def trials_frame(trials: Sequence[FrozenTrial], space: SearchSpace) -> pd.DataFrame:
     """One row per trial (surplus claims left out), DESIGN §3 columns first."""
     rows = []
@@ -549,14 +783,17 @@ def trials_frame(trials: Sequence[FrozenTrial], space: SearchSpace) -> pd.DataFr
         row["fidelity"] = metrics.get("fidelity")
         row["source"] = attrs.get("seed", "sampler")
         row["worker"] = attrs.get("worker")
+        row["fail_reason"] = attrs.get(_FAIL_ATTR)
         duration = trial.duration
         row["seconds"] = round(duration.total_seconds(), 4) if duration is not None else None
         rows.append(row)
     columns = ["trial", "widths", *_METRIC_COLUMNS, "state", "feasible", "fidelity", "source"]
-    columns += ["worker", "seconds"]
+    columns += ["worker", "seconds", "fail_reason"]
     frame = pd.DataFrame(rows, columns=columns)
     # Drop metric columns this search never computed (e.g. latency without a profile).
     empty = [c for c in _METRIC_COLUMNS if c != "loss" and frame[c].isna().all()]
+    if frame["fail_reason"].isna().all():
+        empty.append("fail_reason")
     frame = frame.drop(columns=empty)
     params = frame["params"]
     frame["params"] = params.astype("Int64") if not params.isna().all() else params
@@ -590,6 +827,7 @@ def run_search(
     run_info: dict[str, Any] | None = None,
     on_progress: Callable[[SearchProgress], None] | None = None,
     on_ready: Callable[[int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
     named_configs: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> SearchResult:
     """Run (or resume) a study until it holds `settings.n_trials` complete trials.
@@ -599,7 +837,14 @@ def run_search(
     first, next to the uniform and heuristic seeds, whatever the cost limits say; their
     label is the trial's `source`.
     Writes trials.csv, pareto.csv and run.json to `results_dir` (also when interrupted).
-    `on_ready(n_complete)` is called once the study is open, before the first trial.
+    `on_ready(n_complete)` is called once the study is open, before the first trial;
+    `on_warning(message)` (default: `warnings.warn`) hears about repaired storage.
+
+    A trial whose loss, cost or objective is not finite (NaN weights, a broken profile) is
+    FAILED with the reason in its `fail_reason` user attr and counts toward `n_trials`; a
+    study whose trials all fail stops with a SearchError naming the likely cause.
+    Interrupted (KeyboardInterrupt), this process's running trial is failed, never left
+    RUNNING, and the result files are written before the interrupt propagates.
     """
     results_dir = Path(results_dir)
     native = isinstance(checkpoint, Checkpoint)
@@ -634,8 +879,7 @@ def run_search(
     check_feasible(space, costs, limits)
     setup = study_setup(checkpoint, space, settings, eval_set, costs)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage_obj = open_storage(storage, results_dir)
+    storage_obj = open_storage(storage, results_dir, on_warning=on_warning)
     study, created = open_study(study_name, storage_obj, setup, settings)
     fail_dead_trials(study)
     n_target = settings.n_trials
@@ -677,13 +921,16 @@ def run_search(
     fidelity_gaps: list[float] = []  # full - subset loss of fully evaluated configs
     started = time.monotonic()
     n_new = 0
-    last_write = time.monotonic()
+    consecutive_failures = 0
+    failures_seen: set[str] = set()
+    last_write = 0.0
+    write_seconds = 0.0
     last_progress = 0.0
     info = dict(run_info or {})
     info.update(
         {
             "study": study_name,
-            "storage": _redact(storage) if storage else str(results_dir / JOURNAL_FILE),
+            "storage": redact_url(storage) if storage else str(results_dir / JOURNAL_FILE),
             "sampler": settings.sampler,
             "seed": settings.seed,
             "n_trials": settings.n_trials,
@@ -704,6 +951,11 @@ def run_search(
 
     def complete_count() -> int:
         return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def done_count() -> int:
+        """Trials that used up budget: complete ones and those that failed on a bad value."""
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        return sum(t.state == TrialState.COMPLETE or _eval_failed(t) for t in trials)
 
     def known_values(params: dict[str, Any]) -> dict[str, Any] | None:
         for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -735,9 +987,12 @@ def run_search(
             return [
                 t
                 for t in study.get_trials(
-                    deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)
+                    deepcopy=False,
+                    states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL),
                 )
-                if t.number < trial.number and not t.user_attrs.get("surplus")
+                if t.number < trial.number
+                and not t.user_attrs.get("surplus")
+                and (t.state != TrialState.FAIL or _eval_failed(t))
             ]
 
         ahead = claimed_ahead()
@@ -765,6 +1020,9 @@ def run_search(
         }
         widths = space.from_params(params)
         metrics: dict[str, Any] = costs(widths)
+        failure = _failure(metrics, list(metrics))
+        if failure is not None:  # no quality evaluation for a configuration we cannot place
+            return fail(trial, metrics, failure)
         for column, limit in limits.items():
             trial.set_constraint(column, metrics[column] - limit)
         known = known_values(trial.params)
@@ -789,42 +1047,75 @@ def run_search(
                     metrics["kl"] = quality.kl
                     metrics["agreement"] = quality.agreement
                     metrics["disagreement"] = 1.0 - quality.agreement
-                if screener is not None:
+                if screener is not None and math.isfinite(quality.loss - loss_low):
                     fidelity_gaps.append(quality.loss - loss_low)
+        failure = _failure(metrics, settings.columns)
+        if failure is not None:
+            return fail(trial, metrics, failure)
         trial.set_user_attr(_METRICS_ATTR, metrics)
         return tuple(float(metrics[c]) for c in settings.columns)
 
+    def fail(trial: optuna.Trial, metrics: dict[str, Any], reason: str) -> tuple[float, ...]:
+        # Non-finite values make Optuna fail the trial, with no traceback; the reason stays
+        # with the trial (and in trials.csv) for the user.
+        trial.set_user_attr(_METRICS_ATTR, metrics)
+        trial.set_user_attr(_FAIL_ATTR, reason)
+        return tuple(math.nan for _ in settings.columns)
+
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        nonlocal n_new, last_write, last_progress
+        nonlocal n_new, consecutive_failures, last_write, write_seconds, last_progress
+        reason = trial.user_attrs.get(_FAIL_ATTR) if trial.state == TrialState.FAIL else None
         if trial.state == TrialState.COMPLETE:
             n_new += 1
-        n_complete = complete_count()
-        if n_complete >= n_target:
+            consecutive_failures = 0
+        elif reason is not None:
+            consecutive_failures += 1
+        trials = study.get_trials(deepcopy=False)
+        n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
+        n_failed = sum(_eval_failed(t) for t in trials)
+        if n_complete + n_failed >= n_target:
             study.stop()
+        if n_complete == 0 and consecutive_failures >= _MAX_FAILURES_WITHOUT_SUCCESS:
+            study.stop()  # run_search raises once the files are written
+        new_failure = reason if reason is not None and reason not in failures_seen else None
+        if new_failure is not None:
+            failures_seen.add(new_failure)
         now = time.monotonic()
-        # Tables and progress cost O(trials) each: refresh them at most once a second.
-        show = on_progress is not None and (now - last_progress > 1 or n_complete >= n_target)
-        if show or now - last_write > 30:
-            frame = trials_frame(study.get_trials(deepcopy=False), space)
-            if now - last_write > 30:
-                _write(frame)
-                last_write = now
-            if show:
-                last_progress = now
-                feasible = frame[(frame["state"] == "COMPLETE") & frame["feasible"]]
-                on_progress(
-                    SearchProgress(
-                        n_complete=n_complete,
-                        n_target=n_target,
-                        n_new=n_new,
-                        trials_per_s=n_new / max(now - started, 1e-9),
-                        best_loss=float(feasible["loss"].min()) if not feasible.empty else None,
-                        hypervolume=_front_hypervolume(frame, settings.columns),
-                    )
+        # Progress costs O(trials): at most once a second, but a new failure at once.
+        show = on_progress is not None and (
+            now - last_progress > 1 or n_complete + n_failed >= n_target or new_failure
+        )
+        # Each finished trial reaches trials.csv at once, so a crash loses none; only when
+        # writing takes over a tenth of the time (huge studies) are writes spaced out.
+        due = trial.state in (TrialState.COMPLETE, TrialState.FAIL) and (
+            now - last_write >= 10 * write_seconds
+        )
+        if not (show or due):
+            return
+        frame = trials_frame(trials, space)
+        if due:
+            _write(frame)
+            write_seconds = time.monotonic() - now
+            last_write = time.monotonic()
+        if show and on_progress is not None:
+            last_progress = now
+            feasible = frame[(frame["state"] == "COMPLETE") & frame["feasible"]]
+            on_progress(
+                SearchProgress(
+                    n_complete=n_complete,
+                    n_target=n_target,
+                    n_new=n_new,
+                    trials_per_s=n_new / max(now - started, 1e-9),
+                    best_loss=float(feasible["loss"].min()) if not feasible.empty else None,
+                    hypervolume=_front_hypervolume(frame, settings.columns),
+                    n_failed=n_failed,
+                    failure=new_failure,
                 )
+            )
 
     def _write(frame: pd.DataFrame) -> pd.DataFrame:
         info["n_complete"] = int((frame["state"] == "COMPLETE").sum()) if not frame.empty else 0
+        info["n_failed"] = int(frame["fail_reason"].notna().sum()) if "fail_reason" in frame else 0
         info["seed_trials"] = {
             str(row.trial): row.source for row in frame.itertuples() if row.source != "sampler"
         }
@@ -833,7 +1124,7 @@ def run_search(
     if on_ready is not None:
         on_ready(complete_count())
     try:
-        if complete_count() < n_target:
+        if done_count() < n_target:
             study.optimize(
                 objective,
                 callbacks=[after_trial],
@@ -841,9 +1132,18 @@ def run_search(
                 gc_after_trial=False,
                 show_progress_bar=False,
             )
+    except KeyboardInterrupt:
+        _fail_running(study, worker)
+        raise
     finally:
         frame = trials_frame(study.get_trials(deepcopy=False), space)
         front = _write(frame)
+    if info["n_complete"] == 0 and info["n_failed"]:
+        reasons = frame["fail_reason"].dropna()
+        raise SearchError(
+            f"every trial failed ({info['n_failed']} of them): {reasons.iloc[-1]}; "
+            f"the failed trials are listed in {results_dir / 'trials.csv'}"
+        )
     stats = evaluator.stats
     return SearchResult(
         trials=frame,

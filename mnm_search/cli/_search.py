@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import shlex
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mnm_search.checkpoint import Checkpoint, load_checkpoint
@@ -32,6 +37,7 @@ from mnm_search.data import load_eval_set
 from mnm_search.errors import ConfigError, WidthsError
 from mnm_search.families import GEMMA3N
 from mnm_search.pareto import parse_widths_column
+from mnm_search.redact import redact, url_secrets
 from mnm_search.space import SearchSpace
 from mnm_search.study import (
     DEFAULT_SAMPLER,
@@ -43,6 +49,48 @@ from mnm_search.study import (
 )
 
 PROFILE_FILE = "profile.json"
+
+
+class _NoTrialFailureLogs(logging.Filter):
+    """Drop Optuna's "Trial N failed ..." warnings: `mnm search` reports a failed trial's
+    reason itself, and an interrupt or error itself (Optuna logs them with a whole traceback
+    before re-raising)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Trial ") and " failed " in message)
+
+
+_TRIAL_FAILURE_FILTER = _NoTrialFailureLogs()
+
+
+def _quiet_optuna() -> None:
+    """Optuna's logging, set by the command (a library must not set it): warnings only."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The logger Optuna's optimize loop writes "Trial N failed" to (addFilter is idempotent).
+    logging.getLogger("optuna.study._optimize").addFilter(_TRIAL_FAILURE_FILTER)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the running trial is failed and the files are written."""
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _objectives(spec: str) -> tuple[str, ...]:
@@ -303,6 +351,8 @@ def search(
     else:
         eval_set = checkpoint.load_eval_set(data, seq_len=seq_len, max_tokens=max_tokens)
     command = "mnm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["search"] else ""
+    # run.json is shared and kept: never with the storage password in it.
+    command = redact(command, url_secrets(storage) if storage else ())
     run_info = {
         "command": command,
         "profile": str(profile)
@@ -327,8 +377,19 @@ def search(
                 )
             progress.update(tasks[0], completed=n_complete)
 
+        def on_warning(message: str) -> None:
+            progress.console.print(f"[yellow]Warning:[/] {escape(message)}", soft_wrap=True)
+
         def on_progress(event: SearchProgress) -> None:
+            if event.failure is not None:
+                progress.console.print(
+                    f"[yellow]a trial failed:[/] {escape(event.failure)} (failed trials count "
+                    f"toward --trials; their reason is in trials.csv)",
+                    soft_wrap=True,
+                )
             parts = [f"{event.trials_per_s:.2f} trials/s"]
+            if event.n_failed:
+                parts.append(f"{event.n_failed} failed")
             if event.best_loss is not None:
                 budget = " under the limits" if settings.constraints() else ""
                 parts.append(f"best loss{budget} {event.best_loss:.4f}")
@@ -338,29 +399,33 @@ def search(
                 tasks[0], completed=event.n_complete, total=event.n_target, status="  ".join(parts)
             )
 
+        _quiet_optuna()
         try:
-            result = run_search(
-                checkpoint,
-                space,
-                settings,
-                eval_set,
-                study_name=study_name,
-                results_dir=results_dir,
-                storage=storage,
-                latency_model=latency_model,
-                memory_target=memory_target,
-                run_info=run_info,
-                on_progress=on_progress,
-                on_ready=on_ready,
-                named_configs=named,
-            )
-        except KeyboardInterrupt:
+            with _sigterm_as_interrupt():
+                result = run_search(
+                    checkpoint,
+                    space,
+                    settings,
+                    eval_set,
+                    study_name=study_name,
+                    results_dir=results_dir,
+                    storage=storage,
+                    latency_model=latency_model,
+                    memory_target=memory_target,
+                    run_info=run_info,
+                    on_progress=on_progress,
+                    on_ready=on_ready,
+                    on_warning=on_warning,
+                    named_configs=named,
+                )
+        except KeyboardInterrupt as exc:
             progress.stop()
+            what = "Terminated" if isinstance(exc, _Terminated) else "Interrupted"
             err.print(
-                f"[yellow]Interrupted: finished trials are saved in {results_dir} (only the "
-                f"running one is lost). Re-run the same command to resume.[/]"
+                f"[yellow]{what}: finished trials are saved in {results_dir} (trials.csv; only "
+                f"the running one is lost). Re-run the same command to resume.[/]"
             )
-            raise typer.Exit(code=130) from None
+            raise typer.Exit(code=143 if isinstance(exc, _Terminated) else 130) from None
 
     front = result.pareto
     columns = [
