@@ -5,6 +5,10 @@ The built-in corpus is text that ships with every CPython: the documentation top
 validation by a hash of its name, so the split is fixed. The validation text used for the
 default checkpoint ships inside the package (`bundled/validation.txt`) so that evaluations are
 identical on every machine and Python version.
+
+User data (`--data`) is read in bounded pieces: evaluation reads only the bytes its windows
+need, training at most `MAX_TRAIN_BYTES`. Text must be UTF-8: a NUL byte marks a binary file
+(an error); other invalid UTF-8 bytes become U+FFFD, as `errors="replace"` decodes them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ import torch
 from mnm_search.errors import DataError
 
 VOCAB_SIZE = 256  # byte-level tokens
+DATA_SUFFIXES = (".txt", ".md", ".py")
+# Training holds its text as one byte per token; 512 MiB is ~half a billion training tokens,
+# more than any run here sees, and bounds memory whatever file is passed.
+MAX_TRAIN_BYTES = 512 * 1024 * 1024
+# Evaluation without a token budget reads at most this much (16M tokens is hours of eval).
+MAX_EVAL_BYTES = 16 * 1024 * 1024
+# Bytes read beyond what is needed, so that a UTF-8 character cut by the limit lies past it.
+_UTF8_MARGIN = 4
 _VALIDATION_SHARE = 20  # one document in this many goes to validation
 _SKIP_DIRS = {
     "site-packages",
@@ -82,20 +94,43 @@ def bundled_validation_text() -> str:
     return resources.files("mnm_search").joinpath("bundled/validation.txt").read_text("utf-8")
 
 
-def read_text_data(path: str | Path) -> str:
-    """Text of a file, or of every `*.txt`/`*.md`/`*.py` file under a directory, sorted."""
+def read_text_data(path: str | Path, *, max_bytes: int = MAX_TRAIN_BYTES) -> str:
+    """Text of a file, or of every `*.txt`/`*.md`/`*.py` file under a directory, sorted.
+
+    Reads at most `max_bytes` bytes (files of a directory joined by newlines, in order); the
+    rest is never read. Refuses binary data (NUL bytes); invalid UTF-8 becomes U+FFFD.
+    """
     path = Path(path)
     if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*") if p.suffix in {".txt", ".md", ".py"} and p.is_file()
-        )
+        files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
         if not files:
-            raise DataError(f"no .txt, .md or .py files under {path}")
-        text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+            raise DataError(
+                f"no {', '.join(DATA_SUFFIXES)} files under {path}; pass a text file or a "
+                f"directory of them"
+            )
     elif path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
+        files = [path]
     else:
         raise DataError(f"data path {path} does not exist")
+    parts: list[str] = []
+    remaining = max_bytes
+    for file in files:
+        if remaining <= 0:
+            break
+        try:
+            with file.open("rb") as handle:
+                raw = handle.read(remaining)
+        except OSError as exc:
+            raise DataError(f"cannot read data file {file}: {exc}") from exc
+        nul = raw.find(b"\x00")
+        if nul >= 0:
+            raise DataError(
+                f"data file {file} holds a NUL byte at offset {nul}, so it is binary, not "
+                f"text; pass UTF-8 text files (.txt, .md, .py)"
+            )
+        parts.append(raw.decode("utf-8", errors="replace"))
+        remaining -= len(raw) + 1  # +1: the newline that joins files
+    text = "\n".join(parts)
     if not text.strip():
         raise DataError(f"data path {path} holds no text")
     return text
@@ -132,7 +167,14 @@ def load_eval_set(
     data: str | Path | None, *, seq_len: int, max_tokens: int | None = None
 ) -> EvalSet:
     """Evaluation set from a user's text file or directory, or the bundled validation text."""
-    text = bundled_validation_text() if data is None else read_text_data(data)
+    if data is None:
+        text = bundled_validation_text()
+    else:
+        # Byte-level tokens: the windows need exactly this many bytes, so read only those.
+        needed = MAX_EVAL_BYTES
+        if max_tokens is not None:
+            needed = min(needed, max(1, max_tokens // seq_len) * (seq_len + 1))
+        text = read_text_data(data, max_bytes=needed + _UTF8_MARGIN)
     return make_eval_set(encode(text), seq_len=seq_len, max_tokens=max_tokens)
 
 
@@ -151,5 +193,6 @@ def sample_batch(
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=generator)
     offsets = torch.arange(seq_len + 1)
-    windows = tokens[starts[:, None] + offsets[None, :]]  # [B, seq_len + 1]
+    # Long ids for the model, also when the text is held as one byte per token.
+    windows = tokens[starts[:, None] + offsets[None, :]].long()  # [B, seq_len + 1]
     return windows[:, :-1], windows[:, 1:]

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import re
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mnm_search import __version__
@@ -31,6 +35,7 @@ from mnm_search.checkpoint import (
 )
 from mnm_search.config import ModelConfig
 from mnm_search.data import (
+    MAX_TRAIN_BYTES,
     builtin_split,
     bundled_validation_text,
     encode,
@@ -44,6 +49,9 @@ from mnm_search.model import MatLM
 
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+# train_state.json holds settings, a log line per evaluation and the commands: well under this.
+MAX_STATE_BYTES = 64 * 1024 * 1024
+MAX_STEPS = 10**9
 
 
 def _model_preset(d_model: int, n_layers: int, n_heads: int, seq: int) -> ModelConfig:
@@ -91,11 +99,30 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        for name in ("steps", "eval_every", "checkpoint_every", "eval_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.batch_size is not None and self.batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        for name in ("steps", "eval_every", "checkpoint_every", "eval_tokens", "warmup_steps"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ConfigError(f"{name} must be an integer, got {value!r:.80}")
+            if value > MAX_STEPS:
+                raise ConfigError(f"{name} must be at most {MAX_STEPS:,}, got {value:,}")
+            if value <= 0 and name != "warmup_steps":
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size <= 0):
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size!r:.80}")
+        if self.batch_size is not None and self.batch_size > 4096:
+            raise ConfigError(f"batch_size must be at most 4096, got {self.batch_size:,}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r:.80}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r:.80}")
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
+        if self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip must be positive, got {self.grad_clip!r}")
+        if self.data is not None and not isinstance(self.data, str):
+            raise ConfigError(f"data must be a path string or null, got {self.data!r:.80}")
         if self.granularity_mode not in ("all", "sample", "mix"):
             raise ConfigError(
                 f"granularity_mode must be 'all', 'sample' or 'mix', got {self.granularity_mode!r}"
@@ -146,12 +173,108 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, directory: Path, groups: Any) -> None:
-    tensors = load_file(str(directory / OPTIMIZER_FILE))
+    """Load AdamW's state, checking names, shapes and values against the model's parameters."""
+    path = directory / OPTIMIZER_FILE
+    fix = "choose a new --out (the run cannot be resumed)"
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is missing, corrupt or truncated ({exc}); {fix}") from exc
+    params = [param for group in optimizer.param_groups for param in group["params"]]
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
+        index, _, key = name.partition(".")
+        if not index.isdigit() or int(index) >= len(params) or not key:
+            raise CheckpointError(f"{path}: unexpected tensor {name!r}; {fix}")
+        expected = () if key == "step" else tuple(params[int(index)].shape)
+        if tuple(tensor.shape) != expected or not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(tensor.shape)} (expected "
+                f"{list(expected)}) or non-finite values; {fix}"
+            )
         per_param.setdefault(int(index), {})[key] = tensor
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    try:
+        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} does not fit this model's optimizer ({exc}); {fix}") from exc
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def portable_command(command: str) -> str:
+    """`command` with each absolute path reduced to its last component.
+
+    Provenance travels with a checkpoint: `--out /home/alice/runs/x` says nothing useful
+    elsewhere and shows the machine it was trained on, so it is recorded as `--out x`.
+    """
+
+    def shorten(token: str) -> str:
+        option, equals, value = token.partition("=") if token.startswith("-") else ("", "", token)
+        if os.path.isabs(value) or value.startswith("~"):
+            value = Path(value).name or "."
+        return f"{option}{equals}{value}"
+
+    try:
+        return shlex.join(shorten(token) for token in shlex.split(command))
+    except ValueError:  # unbalanced quotes: shorten what looks like a path
+        return re.sub(r"(?<![\w.-])(?:~|/)[^\s'\"]*", lambda m: Path(m[0]).name or ".", command)
+
+
+def portable_path(path: str) -> str:
+    """An absolute path as its last component (see `portable_command`); others unchanged."""
+    return Path(path).name or "." if os.path.isabs(path) or path.startswith("~") else path
+
+
+def _read_state(out: Path) -> dict[str, Any]:
+    """`train_state.json` of a run in `out`, every field checked before it is used."""
+    path = out / STATE_FILE
+    fix = "choose a new --out (the run cannot be resumed)"
+    if path.stat().st_size > MAX_STATE_BYTES:
+        raise CheckpointError(f"{path} is {path.stat().st_size:,} bytes, too big to be ours; {fix}")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; {fix}")
+    fields = {
+        "step": int,
+        "settings": dict,
+        "param_groups": list,
+        "log": list,
+        "tokens_seen": int,
+        "elapsed_s": (int, float),
+    }
+    for name, kind in fields.items():
+        value = state.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise CheckpointError(
+                f"{path}: field {name!r} is missing or invalid ({value!r:.80}); {fix}"
+            )
+    try:
+        settings = TrainSettings(**state["settings"])
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path}: field 'settings' is invalid ({exc}); {fix}") from None
+    if not 0 <= state["step"] <= settings.steps:
+        raise CheckpointError(
+            f"{path}: field 'step' is {state['step']}, outside [0, {settings.steps}] (the run's "
+            f"steps); {fix}"
+        )
+    if state["tokens_seen"] < 0 or not math.isfinite(state["elapsed_s"]) or state["elapsed_s"] < 0:
+        raise CheckpointError(
+            f"{path}: 'tokens_seen' ({state['tokens_seen']!r}) and 'elapsed_s' "
+            f"({state['elapsed_s']!r}) must be finite and >= 0; {fix}"
+        )
+    commands = state.get("commands", [])
+    if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
+        raise CheckpointError(f"{path}: field 'commands' must be a list of strings; {fix}")
+    if not all(isinstance(entry, dict) for entry in state["log"]):
+        raise CheckpointError(f"{path}: field 'log' must be a list of objects; {fix}")
+    if not all(isinstance(group, dict) for group in state["param_groups"]):
+        raise CheckpointError(f"{path}: field 'param_groups' must be a list of objects; {fix}")
+    return {**state, "settings": settings, "commands": commands}
 
 
 class Trainer:
@@ -167,7 +290,7 @@ class Trainer:
     ) -> None:
         self.settings = settings
         self.out = Path(out)
-        self.command = command
+        self.command = portable_command(command)
         self.on_progress = on_progress
         self.config = settings.model_config
         torch.manual_seed(settings.seed)
@@ -183,7 +306,7 @@ class Trainer:
         )
         self.tokens_seen = 0
         self.elapsed = 0.0
-        self.commands = [command] if command else []  # every invocation, across resumes
+        self.commands = [self.command] if command else []  # every invocation, across resumes
         self._resume_if_present()
 
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -206,13 +329,15 @@ class Trainer:
                 "built-in: pydoc_data topics + CPython standard library source "
                 f"(Python {platform.python_version()}), validation = bundled/validation.txt",
             )
-        text = read_text_data(self.settings.data)
-        tokens = encode(text)
+        # Bounded read (MAX_TRAIN_BYTES); the tokens are held as bytes, one per token.
+        raw = read_text_data(self.settings.data, max_bytes=MAX_TRAIN_BYTES).encode("utf-8")
+        tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         split = int(tokens.numel() * 0.9)
+        read = f"first {MAX_TRAIN_BYTES // 2**20} MiB of " if len(raw) >= MAX_TRAIN_BYTES else ""
         return (
             tokens[:split],
-            text.encode()[split:].decode("utf-8", "replace"),
-            (f"{self.settings.data} (first 90% train, last 10% validation)"),
+            raw[split:].decode("utf-8", "replace"),
+            f"{read}{portable_path(self.settings.data)} (first 90% train, last 10% validation)",
         )
 
     def _resume_if_present(self) -> None:
@@ -224,8 +349,8 @@ class Trainer:
                 f"{self.out} exists but holds no training run to resume ({STATE_FILE} missing); "
                 f"choose a new --out"
             )
-        state = json.loads(state_path.read_text())
-        saved = TrainSettings(**state["settings"])
+        state = _read_state(self.out)
+        saved: TrainSettings = state["settings"]
         if saved.model_config != self.config or saved.seed != self.settings.seed:
             raise CheckpointError(
                 f"{self.out} holds a run with preset {saved.preset!r} and seed {saved.seed}; "
@@ -234,11 +359,11 @@ class Trainer:
         checkpoint = load_checkpoint(self.out)
         self.model.load_state_dict(checkpoint.model.state_dict())
         _restore_optimizer(self.optimizer, self.out, state["param_groups"])
-        self.step = int(state["step"])
+        self.step = state["step"]
         self.log = list(state["log"])
-        self.tokens_seen = int(state["tokens_seen"])
+        self.tokens_seen = state["tokens_seen"]
         self.elapsed = float(state["elapsed_s"])
-        self.commands = [*state.get("commands", []), *self.commands]
+        self.commands = [*map(portable_command, state["commands"]), *self.commands]
 
     def _configs_for(self, step: int) -> list[tuple[str, list[int]]]:
         """(name, widths) of the submodels whose losses are averaged at `step`."""
@@ -316,7 +441,10 @@ class Trainer:
             "command": self.command,
             "commands": self.commands,
             "corpus": self.corpus,
-            "settings": asdict(self.settings),
+            "settings": {
+                **asdict(self.settings),
+                "data": portable_path(self.settings.data) if self.settings.data else None,
+            },
             "step": self.step,
             "finished": final,
             "tokens_seen": self.tokens_seen,
