@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mnm_search._files import atomic_directory
-from mnm_search.config import ModelConfig
+from mnm_search.config import ModelConfig, check_fits_in_memory
 from mnm_search.errors import CheckpointError, ConfigError
 from mnm_search.model import MatLM
 
@@ -163,10 +163,10 @@ def _load_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str,
     fix = "re-copy the checkpoint or export it again"
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
-            header = {
-                name: (tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
-                for name in handle.keys()  # noqa: SIM118 - safe_open has keys(), no iteration
-            }
+            header = {}
+            for name in handle.keys():  # noqa: SIM118 - safe_open has keys(), no iteration
+                piece = handle.get_slice(name)
+                header[name] = (tuple(piece.get_shape()), piece.get_dtype())
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{corrupt} ({exc}); {fix}") from exc
     missing = sorted(set(expected) - set(header))
