@@ -7,6 +7,7 @@ and `run.json`; `widths` is a comma-separated string of ints, one per layer.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 from optuna._hypervolume import compute_hypervolume
 
-from mnm_search._files import atomic_write_text
+from mnm_search._files import atomic_write_text, json_text
 from mnm_search.errors import MnmError
 
 TRIALS_FILE = "trials.csv"
@@ -24,7 +25,23 @@ RUN_FILE = "run.json"
 
 
 class ResultsError(MnmError):
-    """A results directory is missing or unreadable."""
+    """A results directory is missing, or one of its files is unreadable or malformed."""
+
+
+# Columns every results table has, and the numeric ones it may have (DESIGN §3).
+_REQUIRED_COLUMNS = ("trial", "widths", "loss", "state")
+_NUMERIC_COLUMNS = (
+    "loss",
+    "params",
+    "latency_ms",
+    "memory_bytes",
+    "kl",
+    "agreement",
+    "disagreement",
+    "seconds",
+)
+_STATES = ("COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING")
+_FIX = "re-run the same `mnm search` command to rewrite it from the study's storage"
 
 
 def _usable(df: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFrame:
@@ -126,12 +143,12 @@ def write_results(
     front = pareto_front(trials, objectives) if not trials.empty else trials
     atomic_write_text(results_dir / TRIALS_FILE, trials.to_csv(index=False))
     atomic_write_text(results_dir / PARETO_FILE, front.to_csv(index=False))
-    atomic_write_text(results_dir / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
+    atomic_write_text(results_dir / RUN_FILE, json_text(run_info) + "\n")
     return front
 
 
 def read_results(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """(trials, pareto, run_info) of a results directory written by `mnm search`."""
+    """(trials, pareto, run_info) of a results directory written by `mnm search`, validated."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise ResultsError(f"results directory {results_dir} does not exist")
@@ -141,10 +158,143 @@ def read_results(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, d
         raise ResultsError(
             f"{results_dir} lacks {', '.join(missing)}; is it an `mnm search` results directory?"
         )
+    return read_trials(paths[0]), read_trials(paths[1]), read_run_info(paths[2])
+
+
+def read_trials(path: str | Path) -> pd.DataFrame:
+    """A trials.csv or pareto.csv, validated: required columns, unique integer trial numbers,
+    widths of one length, finite numeric metrics, a loss for every COMPLETE trial."""
+    path = Path(path)
     try:
-        trials = pd.read_csv(paths[0], dtype={"widths": str})
-        front = pd.read_csv(paths[1], dtype={"widths": str})
-        run_info = json.loads(paths[2].read_text())
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, json.JSONDecodeError) as exc:
-        raise ResultsError(f"{results_dir} holds a corrupt results file: {exc}") from exc
-    return trials, front, run_info
+        frame = pd.read_csv(path, dtype={"widths": str, "state": str})
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        # ValueError covers a bad encoding and a failed dtype conversion.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ResultsError(f"{path} is not a readable table ({first}); {_FIX}") from None
+    missing = [c for c in _REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ResultsError(
+            f"{path} lacks the column(s) {', '.join(missing)} (it has "
+            f"{', '.join(map(str, frame.columns)) or 'none'}); {_FIX}"
+        )
+
+    def bad(row: Any, column: str, value: Any, expected: str) -> ResultsError:
+        # Line numbers as an editor shows them: the header is line 1.
+        return ResultsError(
+            f"{path}, line {int(row) + 2}: {column} is {value!r}, expected {expected}; {_FIX}"
+        )
+
+    for column in (c for c in _NUMERIC_COLUMNS if c in frame.columns):
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        wrong = (numbers.isna() & frame[column].notna()) | numbers.abs().eq(math.inf)
+        for row in frame.index[wrong]:
+            raise bad(row, column, frame[column][row], "a finite number")
+        frame[column] = numbers
+    trials = pd.to_numeric(frame["trial"], errors="coerce")
+    for row in frame.index[trials.isna() | (trials != trials.round())]:
+        raise bad(row, "trial", frame["trial"][row], "a trial number")
+    frame["trial"] = trials.astype(int)
+    duplicated = frame["trial"][frame["trial"].duplicated()]
+    if not duplicated.empty:
+        raise ResultsError(f"{path}: trial {duplicated.iloc[0]} appears twice; {_FIX}")
+    lengths = set()
+    for row, text in frame["widths"].items():
+        widths = _parse_widths_cell(text)
+        if widths is None:
+            raise bad(row, "widths", text, "comma-separated integer widths >= 0")
+        lengths.add(len(widths))
+    if len(lengths) > 1:
+        raise ResultsError(f"{path}: the widths column mixes {sorted(lengths)} layers; {_FIX}")
+    for row, state in frame["state"].items():
+        if state not in _STATES:
+            raise bad(row, "state", state, f"one of {', '.join(_STATES)}")
+    for row in frame.index[frame["loss"].isna() & (frame["state"] == "COMPLETE")]:
+        raise bad(row, "loss", frame["loss"][row], "a finite number for a COMPLETE trial")
+    if "feasible" in frame.columns:
+        flags = frame["feasible"].map(_as_bool)
+        for row in frame.index[flags.isna()]:
+            raise bad(row, "feasible", frame["feasible"][row], "True or False")
+        frame["feasible"] = flags.astype(bool)
+    return frame
+
+
+def _parse_widths_cell(text: Any) -> list[int] | None:
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        return None
+    return widths if all(w >= 0 for w in widths) else None
+
+
+def _as_bool(value: Any) -> bool | None:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    return {"true": True, "false": False}.get(str(value).strip().lower())
+
+
+# run.json keys that readers use -> the types they must have (each may also be null).
+_RUN_KEYS: dict[str, tuple[type, ...]] = {
+    "study": (str,),
+    "command": (str,),
+    "checkpoint": (str,),
+    "fingerprint": (str,),
+    "profile": (str,),
+    "family": (str,),
+    "target": (str, dict),
+    "objectives": (list,),
+    "objective_columns": (list,),
+    "constraints": (dict,),
+    "space": (dict,),
+    "step": (int,),
+    "n_complete": (int,),
+}
+
+
+def read_run_info(path: str | Path) -> dict[str, Any]:
+    """run.json, validated: a JSON object whose known keys have the types readers expect."""
+    path = Path(path)
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResultsError(f"{path} is not readable JSON ({exc}); {_FIX}") from None
+    if not isinstance(info, dict):
+        raise ResultsError(f"{path} holds a JSON {type(info).__name__}, not an object; {_FIX}")
+    for key, types in _RUN_KEYS.items():
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            names = " or ".join(t.__name__ for t in types)
+            raise ResultsError(f"{path}: {key} is {_short(value)}, expected {names}; {_FIX}")
+    for key in ("objectives", "objective_columns"):
+        items = info.get(key)
+        if items is not None and (not items or not all(isinstance(i, str) for i in items)):
+            raise ResultsError(
+                f"{path}: {key} is {_short(items)}, expected a list of names; {_FIX}"
+            )
+    for name, limit in (info.get("constraints") or {}).items():
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, (int, float))
+            or not math.isfinite(limit)
+        ):
+            raise ResultsError(
+                f"{path}: constraint {name} is {_short(limit)}, expected a finite number; {_FIX}"
+            )
+    grans = (info.get("space") or {}).get("granularities")
+    if grans is not None and (
+        not isinstance(grans, list)
+        or not grans
+        or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grans)
+    ):
+        raise ResultsError(
+            f"{path}: space.granularities is {_short(grans)}, expected positive integers; {_FIX}"
+        )
+    return info
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

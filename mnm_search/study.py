@@ -35,6 +35,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
+from mnm_search._files import atomic_write_bytes
 from mnm_search.checkpoint import Checkpoint
 from mnm_search.config import param_count
 from mnm_search.data import EvalSet
@@ -81,6 +82,8 @@ _FAIL_HINTS = {
     "params": "the checkpoint's config is inconsistent; check with mnm info",
     "memory_bytes": "the hardware target is inconsistent; check its YAML",
 }
+# Writing the result files after every trial is fine while it takes less than this.
+_FAST_WRITE_S = 0.05
 # A worker tags its trial milliseconds after Optuna creates it; a trial still untagged after
 # this long belongs to a worker killed in between.
 _STALE_WITHOUT_OWNER = timedelta(seconds=10)
@@ -443,7 +446,7 @@ def repair_journal(path: Path) -> JournalRepair | None:
     backup = _backup(path)
     repaired = b"".join(line + b"\n" for line in kept)
     if rewrite:
-        _replace_bytes(path, repaired)
+        atomic_write_bytes(path, repaired)
     else:  # only a torn end: truncate in place (same inode for workers that hold it open)
         os.truncate(path, len(repaired))
     return JournalRepair(
@@ -481,19 +484,6 @@ def _backup(path: Path) -> Path:
         backup = path.with_name(f"{path.name}.bak-{stamp}-{n}")
     shutil.copy2(path, backup)
     return backup
-
-
-def _replace_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.repair-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def eval_fingerprint(eval_set: EvalSet) -> str:
@@ -1085,10 +1075,10 @@ def run_search(
         show = on_progress is not None and (
             now - last_progress > 1 or n_complete + n_failed >= n_target or new_failure
         )
-        # Each finished trial reaches trials.csv at once, so a crash loses none; only when
-        # writing takes over a tenth of the time (huge studies) are writes spaced out.
+        # Each finished trial reaches trials.csv at once, so a crash loses none; only where
+        # a write is slow (huge studies) are writes spaced to take at most a tenth of the time.
         due = trial.state in (TrialState.COMPLETE, TrialState.FAIL) and (
-            now - last_write >= 10 * write_seconds
+            write_seconds < _FAST_WRITE_S or now - last_write >= 10 * write_seconds
         )
         if not (show or due):
             return
