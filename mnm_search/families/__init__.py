@@ -45,12 +45,13 @@ def family_of_config(data: dict[str, Any], *, where: str = "config.json") -> str
     ):
         return NATIVE
     model_type = data.get("model_type")
-    if model_type in GEMMA3N_MODEL_TYPES:
+    if isinstance(model_type, str) and model_type in GEMMA3N_MODEL_TYPES:
         return GEMMA3N
-    found = f"model_type {model_type!r}" if model_type else "no model_type and no mnm format"
+    # Quoted and cut short: these values come from an untrusted file.
+    found = f"model_type {model_type!r:.80}" if model_type else "no model_type and no mnm format"
     architectures = data.get("architectures")
     if architectures:
-        found += f", architectures {architectures}"
+        found += f", architectures {architectures!r:.200}"
     supported = "; ".join(f"{name}: {text}" for name, text in SUPPORTED.items())
     raise CheckpointError(
         f"{where}: unsupported model family ({found}). mnm supports: {supported}. "

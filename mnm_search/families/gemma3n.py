@@ -48,7 +48,14 @@ from transformers.utils import logging as hf_logging
 
 from mnm_search._safetensors_writer import StreamedTensor, write_safetensors
 from mnm_search.checkpoint import atomic_directory
-from mnm_search.config import expand_widths_spec
+from mnm_search.config import (
+    MAX_LAYERS,
+    SIZE_CAPS,
+    expand_widths_spec,
+    format_bytes,
+    is_int,
+    physical_memory_bytes,
+)
 from mnm_search.data import EvalSet, bundled_validation_text, make_eval_set, read_text_data
 from mnm_search.errors import CheckpointError, ConfigError, DataError, ExportError, WidthsError
 from mnm_search.evaluator import CacheStats, Quality
@@ -232,6 +239,8 @@ class Gemma3nFamily:
         locations = _tensor_locations(shards)
         prefix = _text_prefix(locations, path)
         torch_dtype = _resolve_dtype(dtype, locations, prefix)
+        if weights:
+            _check_fits(config, torch_dtype, path)
         device = torch.device("cpu") if weights else torch.device("meta")
         with device, _default_dtype(torch_dtype), no_init_weights():
             model = _tied(Gemma3nForCausalLM(config))
@@ -987,12 +996,103 @@ def _text_config(data: dict[str, Any], path: Path) -> Gemma3nTextConfig:
                 f"{path / 'config.json'} is not a Gemma 3n text checkpoint (model_type "
                 f"{data.get('model_type')!r} without a text_config object)"
             )
+    _check_text_fields(text, where=str(path / "config.json"))
     try:
         return Gemma3nTextConfig.from_dict(text)
     except (ValueError, TypeError, KeyError, StrictDataclassError) as exc:
         raise CheckpointError(
             f"{path / 'config.json'}: invalid Gemma 3n text config: {exc}"
         ) from exc
+
+
+# Sizes transformers would allocate from: each must be an integer in [minimum, maximum].
+# The caps are far above E4B (35 layers, hidden 2048, FFN 16384, vocab 262144) and refuse a
+# config that asks for astronomic tensors; `_check_fits` then bounds the total.
+_TEXT_INT_FIELDS = {
+    "hidden_size": (1, SIZE_CAPS["d_model"]),
+    "num_hidden_layers": (1, MAX_LAYERS),
+    "num_attention_heads": (1, SIZE_CAPS["n_heads"]),
+    "num_key_value_heads": (1, SIZE_CAPS["n_heads"]),
+    "head_dim": (1, SIZE_CAPS["d_model"]),
+    "vocab_size": (1, SIZE_CAPS["vocab_size"]),
+    "vocab_size_per_layer_input": (1, SIZE_CAPS["vocab_size"]),
+    "hidden_size_per_layer_input": (1, SIZE_CAPS["d_model"]),
+    "max_position_embeddings": (1, SIZE_CAPS["max_seq_len"]),
+    "num_kv_shared_layers": (0, MAX_LAYERS),
+    "laurel_rank": (1, SIZE_CAPS["d_model"]),
+    "sliding_window": (1, SIZE_CAPS["max_seq_len"]),
+    "altup_num_inputs": (1, 64),
+}
+
+
+def _check_text_fields(text: dict[str, Any], *, where: str) -> None:
+    """Types and bounds of the fields that size the model, before transformers sees them."""
+
+    def fail(field: str, value: Any, expected: str) -> CheckpointError:
+        return CheckpointError(
+            f"{where}: field {field!r} must be {expected}, got {value!r:.80}; fix the config "
+            f"or restore it from the checkpoint's source"
+        )
+
+    for field, (minimum, maximum) in _TEXT_INT_FIELDS.items():
+        if field in text and (not is_int(text[field]) or not minimum <= text[field] <= maximum):
+            raise fail(field, text[field], f"an integer from {minimum:,} to {maximum:,}")
+    layers = text.get("num_hidden_layers")
+    widths = text.get("intermediate_size")
+    if widths is not None:
+        entries = widths if isinstance(widths, list) else [widths]
+        if isinstance(widths, list) and is_int(layers) and len(widths) != layers:
+            raise fail("intermediate_size", widths, f"one width per layer ({layers})")
+        if not entries or not all(is_int(w) and 0 < w <= SIZE_CAPS["d_ff"] for w in entries):
+            raise fail(
+                "intermediate_size",
+                widths,
+                f"an integer or a list of integers from 1 to {SIZE_CAPS['d_ff']:,}",
+            )
+    layer_types = text.get("layer_types")
+    if layer_types is not None and (
+        not isinstance(layer_types, list)
+        or not all(isinstance(t, str) for t in layer_types)
+        or (is_int(layers) and len(layer_types) != layers)
+    ):
+        raise fail("layer_types", layer_types, "a list of strings, one per layer")
+    for field in ("rms_norm_eps",):
+        value = text.get(field)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not 0 < value < 1
+        ):
+            raise fail(field, value, "a finite number in (0, 1)")
+
+
+def _estimated_params(config: Gemma3nTextConfig) -> int:
+    """Rough parameter count of the text model from its config (big terms only)."""
+    hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
+    ple = int(config.hidden_size_per_layer_input)
+    heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+    attention = 2 * hidden * heads * config.head_dim + 2 * hidden * kv_heads * config.head_dim
+    widths = config.intermediate_size
+    ffn = 3 * hidden * sum(widths if isinstance(widths, list) else [widths] * layers)
+    embeddings = int(config.vocab_size) * hidden
+    per_layer = int(config.vocab_size_per_layer_input) * layers * ple + hidden * layers * ple
+    return embeddings + per_layer + ffn + layers * (attention + 2 * hidden * ple)
+
+
+def _check_fits(config: Gemma3nTextConfig, dtype: torch.dtype, path: Path) -> None:
+    """Refuse, before allocating, a model whose weights exceed this machine's memory."""
+    params = _estimated_params(config)
+    needed = params * torch.empty((), dtype=dtype).element_size()
+    total = physical_memory_bytes()
+    if total is not None and needed > total:
+        raise CheckpointError(
+            f"{path / 'config.json'} describes about {params:,} text-model parameters "
+            f"(hidden_size {config.hidden_size}, num_hidden_layers {config.num_hidden_layers}, "
+            f"vocab_size {config.vocab_size}), {format_bytes(needed)} in {dtype}, but this "
+            f"machine has {format_bytes(total)} of memory; use a larger machine, a smaller "
+            f"dtype, or load without weights (mnm info)"
+        )
 
 
 def _shard_files(path: Path) -> list[Path]:
