@@ -23,7 +23,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from mnm_search.config import MAX_LAYERS, SIZE_CAPS
 from mnm_search.errors import ConfigError
+
+# Google's table is a few kB with a few dozen rows; these bounds refuse anything that could
+# only be a mistake or an attack before pandas reads it.
+MAX_CSV_BYTES = 4 * 1024 * 1024
+MAX_ROWS = 10_000
+# Any intermediate value of a width expression beyond this is not a width.
+_MAX_MAGNITUDE = 2**40
 
 # Normalised column name -> field; normalisation: lower case, '#' dropped, runs of other
 # characters turned into '_' (so "# Effective Params (B)" -> "effective_params_b").
@@ -61,16 +69,39 @@ class LabConfig:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
         dims = tuple(self.ffn_hidden_dims)
-        if not dims or any(not _is_int(d) or d <= 0 for d in dims):
+        max_width = SIZE_CAPS["d_ff"]
+        if (
+            not dims
+            or len(dims) > MAX_LAYERS
+            or any(not _is_int(d) or not 0 < d <= max_width for d in dims)
+        ):
             raise ConfigError(
-                f"config {self.name!r}: ffn_hidden_dims must be positive integers, got {list(dims)}"
+                f"config {self.name!r}: ffn_hidden_dims must be positive integers (1 to "
+                f"{MAX_LAYERS} of them, each at most {max_width:,}), got {list(dims)[:40]}"
             )
         skipped = tuple(self.layers_skipped)
-        if any(not _is_int(i) or i < 0 for i in skipped) or len(set(skipped)) != len(skipped):
+        if (
+            len(skipped) > MAX_LAYERS
+            or any(not _is_int(i) or not 0 <= i < MAX_LAYERS for i in skipped)
+            or len(set(skipped)) != len(skipped)
+        ):
             raise ConfigError(
-                f"config {self.name!r}: layers_skipped must be distinct layer indices >= 0, "
-                f"got {list(skipped)}"
+                f"config {self.name!r}: layers_skipped must be distinct layer indices >= 0 "
+                f"(at most {MAX_LAYERS - 1}), got {list(skipped)[:40]}"
             )
+        for field, value, upper in (
+            ("effective_params_b", self.effective_params_b, 1e6),
+            ("mmlu_accuracy", self.mmlu_accuracy, 100.0),
+        ):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value <= upper
+            ):
+                raise ConfigError(
+                    f"config {self.name!r}: {field} must be a number from 0 to {upper:g}, "
+                    f"got {value!r}"
+                )
         object.__setattr__(self, "ffn_hidden_dims", dims)
         object.__setattr__(self, "layers_skipped", tuple(sorted(skipped)))
 
@@ -102,10 +133,22 @@ def read_matformer_lab_csv(path: str | Path) -> list[LabConfig]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"MatFormer Lab table {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_CSV_BYTES:
+        raise ConfigError(
+            f"MatFormer Lab table {path} is {size:,} bytes; the published table is a few kB "
+            f"(at most {MAX_CSV_BYTES:,} accepted); is it the right file?"
+        )
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        table = pd.read_csv(
+            path, dtype=str, keep_default_na=False, skipinitialspace=True, nrows=MAX_ROWS + 1
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not a readable CSV table: {exc}") from exc
+    if len(table) > MAX_ROWS:
+        raise ConfigError(
+            f"{path} holds more than {MAX_ROWS:,} configurations; is it the right file?"
+        )
     columns = {}
     for column in table.columns:
         field = _COLUMNS.get(_normalise(column))
@@ -198,7 +241,7 @@ def _int_list(text: str, *, where: str, column: str) -> list[int]:
         return []
     try:
         tree = ast.parse(text, mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise ConfigError(
             f"{where}: column {column!r} must be a list like [2_048 * 4, 8192], got {text!r}"
         ) from None
@@ -211,7 +254,7 @@ def _int_list(text: str, *, where: str, column: str) -> list[int]:
     for position, element in enumerate(tree.elts):
         try:
             value = _arithmetic(element)
-        except (ValueError, ZeroDivisionError) as exc:
+        except (ValueError, ZeroDivisionError, OverflowError, RecursionError) as exc:
             raise ConfigError(
                 f"{where}: column {column!r}, entry {position} "
                 f"({ast.get_source_segment(text, element)!r}): {exc}"
@@ -226,6 +269,14 @@ def _int_list(text: str, *, where: str, column: str) -> list[int]:
 
 def _arithmetic(node: ast.AST) -> float:
     """Value of a whitelisted arithmetic expression (no names, no calls except int())."""
+    value = _arithmetic_unbounded(node)
+    # Bounded at every step: keeps values finite (int() of inf/nan raises) and small.
+    if not math.isfinite(value) or abs(value) > _MAX_MAGNITUDE:
+        raise ValueError(f"value out of range (a width is at most {_MAX_MAGNITUDE:,})")
+    return value
+
+
+def _arithmetic_unbounded(node: ast.AST) -> float:
     if isinstance(node, ast.Constant) and _is_number(node.value):
         return node.value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
