@@ -211,7 +211,7 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     try:
         config = ModelConfig.from_dict(data)
         # Before any allocation: a 1 kB config may describe terabytes of weights.
-        check_fits_in_memory(config, where=str(config_path))
+        check_fits_in_memory(config, where="this config")
     except ConfigError as exc:
         raise CheckpointError(f"{config_path}: {exc}") from exc
 

@@ -183,7 +183,7 @@ def _int_tuple(name: str, values: object, *, limit: int) -> tuple[int, ...]:
 
 
 def check_fits_in_memory(
-    config: ModelConfig, *, bytes_per_param: int = 8, where: str = "config.json"
+    config: ModelConfig, *, bytes_per_param: int = 8, where: str = "the model config"
 ) -> int:
     """Refuse a config whose weights cannot fit in this machine's RAM; return the estimate.
 
