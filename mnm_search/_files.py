@@ -13,15 +13,19 @@ to users and are easy to get wrong with `tempfile`:
 
 from __future__ import annotations
 
+import errno
+import json
+import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from mnm_search.errors import CheckpointError
+from mnm_search.errors import CheckpointError, OverlapError
 
 
 def current_umask() -> int:
@@ -84,6 +88,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _with_filename(exc, path) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -111,7 +118,11 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Pa
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
     try:
         os.chmod(tmp, _dir_mode())
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            # `write()` errors (disk full) name no file; the user knows OUT, not TMP.
+            raise _with_filename(exc, out) from exc
         fix_modes(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent))
@@ -135,3 +146,140 @@ def fix_modes(directory: Path) -> None:
             full = os.path.join(root, name)
             if not os.path.islink(full):
                 os.chmod(full, file_mode)
+
+
+def _with_filename(exc: OSError, path: Path) -> OSError:
+    """EXC itself if it names a file, else the same error (same subclass) naming PATH."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# What went wrong, in words a user can act on
+
+_TEMPORARY_PART = re.compile(r"(^|/)\.([^/]+)\.(?:tmp|old)-\d+-[A-Za-z0-9_]+(?=/|$)")
+
+# errno -> (what happened, with {file}; what to do)
+_OS_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("disk full while writing {file}", "free space or choose another --out"),
+    errno.EDQUOT: (
+        "disk quota exceeded while writing {file}",
+        "free space or choose another --out",
+    ),
+    errno.EFBIG: (
+        "{file} grew past the largest file allowed here (file system or `ulimit -f`)",
+        "raise the limit or choose another --out",
+    ),
+    errno.EROFS: ("{file} is on a read-only file system", "choose another --out"),
+    errno.EACCES: ("permission denied for {file}", "fix its permissions or choose another path"),
+    errno.EPERM: (
+        "operation not permitted on {file}",
+        "fix its permissions or choose another path",
+    ),
+    errno.ENOENT: ("{file} does not exist", "check the path"),
+    errno.ENOTDIR: ("a part of {file} is not a directory", "check the path"),
+    errno.EISDIR: ("{file} is a directory where a file was expected", "pass a file"),
+    errno.EEXIST: ("{file} already exists", "choose another path or pass --force"),
+    errno.ENAMETOOLONG: ("the path {file} is too long", "choose a shorter path"),
+    errno.EMFILE: ("too many open files while opening {file}", "raise `ulimit -n`"),
+    errno.ENOMEM: ("out of memory while accessing {file}", "free memory or use a smaller model"),
+    errno.EIO: ("input/output error on {file}", "check the disk (dmesg) and try again"),
+}
+
+
+def user_path(filename: str | os.PathLike[str]) -> str:
+    """FILENAME with the hidden temporary directory of an atomic write replaced by its target
+    (`out/.x.tmp-42-ab/model.safetensors` -> `out/x/model.safetensors`)."""
+    return _TEMPORARY_PART.sub(r"\1\2", os.fspath(filename))
+
+
+def describe_os_error(exc: OSError, path: str | os.PathLike[str] | None = None) -> str:
+    """One sentence naming the file and the fix, e.g. `disk full while writing X: free space
+    or choose another --out`. PATH names the file when EXC does not."""
+    name = exc.filename if exc.filename is not None else path
+    file = user_path(name) if name is not None else "a file"
+    if exc.filename2 is not None:
+        file += f" -> {user_path(exc.filename2)}"
+    known = _OS_ERRORS.get(exc.errno) if exc.errno is not None else None
+    if known is not None:
+        what, fix = known
+        return f"{what.format(file=file)}: {fix}"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{reason} ({file}): check the path and the disk"
+
+
+_OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")
+
+
+def describe_safetensors_error(exc: Exception, path: str | os.PathLike[str]) -> str:
+    """A `SafetensorError` as one sentence naming PATH: safetensors reports I/O failures
+    (disk full) as text such as `I/O error: No space left on device (os error 28)`."""
+    found = _OS_ERROR_IN_TEXT.search(str(exc))
+    if found is not None:
+        code = int(found.group(1))
+        return describe_os_error(OSError(code, os.strerror(code), os.fspath(path)))
+    return f"{user_path(path)}: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs that would destroy inputs
+
+
+def refuse_overlap(
+    out: str | os.PathLike[str],
+    inputs: Mapping[str, str | os.PathLike[str] | None],
+    *,
+    option: str = "--out",
+) -> None:
+    """Raise `OverlapError` if writing OUT could destroy or alter one of INPUTS.
+
+    `--force` replaces OUT whole, so OUT must not be an input, a directory holding one, or a
+    place inside an input directory. INPUTS maps a description (`the checkpoint`, `--data`)
+    to a path; None entries are skipped. Paths are compared resolved (symlinks, `..`, relative).
+    """
+    target = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if target == source or _same_file(target, source):
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "is inside"
+        else:
+            continue
+        raise OverlapError(
+            f"{option} {out} {relation} {what} ({path}); writing there would destroy or "
+            f"change it: choose an {option} outside it"
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict JSON
+
+
+def finite(data: Any) -> Any:
+    """DATA with every NaN/inf float (in nested dicts, lists, tuples) replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(value) for value in data]
+    return data
+
+
+def json_text(data: Any, *, indent: int | None = 2) -> str:
+    """Strict JSON (RFC 8259): non-finite floats become `null`, never `NaN`/`Infinity`,
+    which `json.loads` accepts but strict parsers (jq, JavaScript, Go) reject."""
+    return json.dumps(finite(data), indent=indent, allow_nan=False)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -77,26 +79,36 @@ def write_safetensors(
         offset += tensor.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with Path(path).open("wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for tensor in order:
-            written = 0
-            for chunk in tensor.chunks():
-                if chunk.dtype != tensor.dtype or tuple(chunk.shape[1:]) != tensor.shape[1:]:
-                    raise ValueError(
-                        f"{tensor.name}: chunk {chunk.dtype} {list(chunk.shape)} does not fit "
-                        f"{tensor.dtype} {list(tensor.shape)}"
-                    )
-                data = chunk.detach().to("cpu").contiguous()
-                nbytes = data.numel() * data.element_size()
-                if nbytes:
-                    # Read in place through a raw pointer, as safetensors does: `.numpy()`
-                    # would mark the weights' storage as never resizable again.
-                    handle.write((ctypes.c_ubyte * nbytes).from_address(data.data_ptr()))
-                written += nbytes
-            if written != tensor.nbytes:
-                raise ValueError(
-                    f"{tensor.name}: chunks gave {written} bytes, the shape needs {tensor.nbytes}"
-                )
+    try:
+        with Path(path).open("wb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)))
+            handle.write(encoded)
+            for tensor in order:
+                _write_tensor(handle, tensor)
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        # `write()` errors (disk full, file too large) name no file; say which one.
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
     return offset
+
+
+def _write_tensor(handle: BinaryIO, tensor: StreamedTensor) -> None:
+    written = 0
+    for chunk in tensor.chunks():
+        if chunk.dtype != tensor.dtype or tuple(chunk.shape[1:]) != tensor.shape[1:]:
+            raise ValueError(
+                f"{tensor.name}: chunk {chunk.dtype} {list(chunk.shape)} does not fit "
+                f"{tensor.dtype} {list(tensor.shape)}"
+            )
+        data = chunk.detach().to("cpu").contiguous()
+        nbytes = data.numel() * data.element_size()
+        if nbytes:
+            # Read in place through a raw pointer, as safetensors does: `.numpy()`
+            # would mark the weights' storage as never resizable again.
+            handle.write((ctypes.c_ubyte * nbytes).from_address(data.data_ptr()))
+        written += nbytes
+    if written != tensor.nbytes:
+        raise ValueError(
+            f"{tensor.name}: chunks gave {written} bytes, the shape needs {tensor.nbytes}"
+        )

@@ -37,3 +37,13 @@ class SearchError(MnmError):
 
 class ExportError(MnmError):
     """An export cannot be written or fails verification."""
+
+
+class OverlapError(ConfigError):
+    """An output path is, holds, or lies inside an input (writing it would destroy the input)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived. Raised by the CLI's signal handler so that `finally` blocks and atomic
+    writes clean up as for Ctrl-C (a KeyboardInterrupt, so code that already handles
+    interruption handles this too); the CLI then exits 143."""

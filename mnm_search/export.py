@@ -24,18 +24,29 @@ from typing import Any
 
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 
 from mnm_search import __version__
+from mnm_search._files import (
+    atomic_directory,
+    atomic_write_text,
+    describe_os_error,
+    describe_safetensors_error,
+    finite,
+    json_text,
+    refuse_overlap,
+    user_path,
+)
 from mnm_search.checkpoint import (
     CONFIG_FILE,
+    WEIGHTS_FILE,
     Checkpoint,
-    atomic_directory,
     load_checkpoint,
     write_checkpoint_files,
 )
 from mnm_search.config import format_widths, param_count, validate_widths
 from mnm_search.data import EvalSet
-from mnm_search.errors import DeviceError, ExportError, MnmError
+from mnm_search.errors import CheckpointError, DeviceError, ExportError, MnmError
 from mnm_search.evaluator import evaluate_loss
 from mnm_search.latency import LatencyModel
 from mnm_search.model import MatLM
@@ -341,10 +352,19 @@ class _Exporter:
         }
         if member.trial is not None:
             metadata["export"]["trial"] = member.trial
-        write_checkpoint_files(directory, sliced, metadata=metadata)
+        try:
+            write_checkpoint_files(directory, sliced, metadata=metadata)
+        except SafetensorError as exc:  # how safetensors reports I/O errors such as disk full
+            message = describe_safetensors_error(exc, directory / WEIGHTS_FILE)
+            raise ExportError(f"{message}; nothing was written") from exc
 
         self.on_progress(f"verifying {compact}")
-        exported = load_checkpoint(directory).model
+        try:
+            exported = load_checkpoint(directory).model
+        except CheckpointError as exc:  # written a moment ago: the disk or a library failed
+            raise ExportError(
+                f"the export does not read back ({user_path(str(exc))}); nothing was written"
+            ) from exc
         diff = _logits_difference(universal, widths, exported)
         if not diff <= LOGITS_TOLERANCE:
             raise ExportError(
@@ -395,7 +415,7 @@ class _Exporter:
         )
         metadata.update(self._measurements(report, member))
         _rewrite_config(directory, metadata)
-        (directory / CARD_FILE).write_text(model_card(report, self.checkpoint, metadata))
+        atomic_write_text(directory / CARD_FILE, model_card(report, self.checkpoint, metadata))
         return report
 
     def _measurements(self, report: ExportReport, member: Member) -> dict[str, Any]:
@@ -438,12 +458,28 @@ def _rewrite_config(directory: Path, metadata: dict[str, Any]) -> None:
     path = directory / CONFIG_FILE
     config = json.loads(path.read_text())
     config.update(metadata)
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    # Strict JSON: a NaN loss or latency is recorded as null, which every parser reads.
+    atomic_write_text(path, json_text(config) + "\n")
+
+
+_CARD_NUMBERS = (
+    "loss",
+    "predicted_ms",
+    "measured_ms",
+    "measured_p10_ms",
+    "measured_p90_ms",
+    "full_model_ms",
+)
 
 
 def model_card(report: ExportReport, source: Checkpoint, metadata: dict[str, Any]) -> str:
     """README.md of an export: what it is, how good and fast it is, how to load it."""
     config = source.config
+    # A NaN loss or latency (a diverged model, a failed timing) reads as "not measured".
+    report = dataclasses.replace(
+        report,
+        **{key: finite(getattr(report, key)) for key in _CARD_NUMBERS},
+    )
     name = f"MatLM Mix'n'Match submodel {report.widths_compact}"
     lines = [f"# {name}", ""]
     lines += [
@@ -554,6 +590,7 @@ def export_submodel(
         on_progress=on_progress,
     )
     validate_widths(member.widths, checkpoint.config)
+    refuse_overlap(out, {"the source checkpoint": checkpoint.path})
     _refuse_existing(out, overwrite)
     with _atomic(out, overwrite) as tmp:
         report = exporter.write(tmp, member)
@@ -590,6 +627,7 @@ def export_front(
     )
     for member in members:
         validate_widths(member.widths, checkpoint.config)
+    refuse_overlap(out, {"the source checkpoint": checkpoint.path})
     _refuse_existing(out, overwrite)
     reports = []
     with _atomic(out, overwrite) as tmp:
@@ -627,7 +665,7 @@ def _atomic(out: Path, overwrite: bool):  # type: ignore[no-untyped-def]
     except MnmError:
         raise
     except OSError as exc:
-        raise ExportError(f"writing {out} failed ({exc}); nothing was written") from exc
+        raise ExportError(f"{describe_os_error(exc, out)}; nothing was written") from exc
 
 
 def _moved(report: ExportReport, path: Path) -> ExportReport:

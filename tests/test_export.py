@@ -107,7 +107,9 @@ def test_failure_half_way_leaves_nothing(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export_module, stage, broken)
-    with pytest.raises(ExportError, match=r"No space left on device.*nothing was written"):
+    # write() errors name no file: the message names the export and the fix.
+    message = rf"disk full while writing {tmp_path / 'export'}: free space or choose another --out"
+    with pytest.raises(ExportError, match=rf"^{message}; nothing was written$"):
         export_submodel(checkpoint, [8, 16, 32], tmp_path / "export")
     assert list(tmp_path.iterdir()) == [tmp_path / "tiny-ckpt"]  # no export, no temp dir
 
@@ -126,7 +128,7 @@ def test_failure_half_way_through_a_front_leaves_nothing(
 
     monkeypatch.setattr(export_module, "write_checkpoint_files", fails_on_second)
     members = [Member([8, 8, 8], trial=1), Member([64, 64, 64], trial=2)]
-    with pytest.raises(ExportError, match="Input/output error"):
+    with pytest.raises(ExportError, match=f"input/output error on {tmp_path / 'front'}"):
         export_front(checkpoint, members, tmp_path / "front")
     assert len(writes) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-ckpt"]

@@ -36,4 +36,24 @@ app.command(name="demo")(_demo.demo)
 
 
 def main() -> None:
-    app()
+    """The `mnm` entry point: the app, with SIGTERM handled like Ctrl-C.
+
+    SIGTERM's default action kills the process on the spot, leaving `finally` blocks unrun
+    and an export's hidden temporary directory behind (gigabytes for Gemma 3n). Raising
+    `Terminated` instead unwinds normally; the commands' error boundary then exits 143.
+    """
+    import signal
+
+    from mnm_search.errors import Terminated
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # Once is enough: a second SIGTERM must not interrupt the cleanup the first started.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        app()
+    except Terminated:  # arrived outside a command (while parsing): nothing to clean up
+        typer.echo("Terminated (SIGTERM).", err=True)
+        raise SystemExit(143) from None

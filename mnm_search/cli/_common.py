@@ -1,14 +1,16 @@
 """Shared pieces of the command line: consoles, error handling, progress, common options.
 
-Library functions raise `MnmError`; `user_errors` turns them into one clear message and a
-non-zero exit (a traceback only with `mnm --debug ...`).
+Library functions raise `MnmError`; `user_errors`, the one error boundary every command runs
+in, turns those and every other failure into one clear line and a non-zero exit (a traceback
+only with `mnm --debug ...`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -19,12 +21,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mnm_search.errors import MnmError
+from mnm_search.errors import MnmError, Terminated
 
 try:  # typer >= 0.29 ships its own copy of click
+    from typer._click.exceptions import ClickException
     from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import get_current_context
+    from click import ClickException, get_current_context
 
 DEFAULT_EVAL_TOKENS = 32_768
 
@@ -45,7 +48,13 @@ DataOpt = Annotated[
 
 
 def user_errors(func: F) -> F:
-    """Run a command; print library errors as one paragraph and exit 1."""
+    """Run a command; print any failure as one line on stderr and exit non-zero.
+
+    The one error boundary of the CLI: library errors, OS errors (disk full, read-only,
+    permissions), corrupt files and interruptions become one redacted line naming the file
+    and the fix (exit 1; 130 for Ctrl-C, 143 for SIGTERM); anything else is reported as an
+    internal error. `mnm --debug ...` re-raises instead, for the traceback.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -53,22 +62,114 @@ def user_errors(func: F) -> F:
         debug = bool((ctx.find_root().obj or {}).get("debug"))
         try:
             return func(*args, **kwargs)
-        except MnmError as exc:
-            if debug:
+        except (typer.Exit, typer.Abort, ClickException):
+            raise  # typer's own exits and usage errors: it prints them
+        except BaseException as exc:
+            if debug or isinstance(exc, (SystemExit, GeneratorExit)):
                 raise
-            err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=1) from None
-        except KeyboardInterrupt:
-            if debug:
-                raise
-            err.print("[yellow]Interrupted.[/]")
-            raise typer.Exit(code=130) from None
+            message, code = describe_exception(exc)
+            print_error(message, secrets=_argument_secrets(ctx), warn=code in (130, 143))
+            raise typer.Exit(code=code) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def print_json(data: dict[str, Any]) -> None:
-    typer.echo(json.dumps(data, indent=2))
+def print_error(message: str, *, secrets: Iterable[str] = (), warn: bool = False) -> None:
+    """MESSAGE on stderr as one redacted line (`Error: ...`)."""
+    from mnm_search.redact import redact
+
+    text = redact(message, secrets)
+    if warn:
+        err.print(f"[yellow]{escape(text)}[/]", highlight=False, soft_wrap=True)
+    else:
+        err.print(f"[bold red]Error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def _argument_secrets(ctx: Any) -> list[str]:
+    """Passwords in any command-line argument (storage URLs), to mask in messages."""
+    from mnm_search.redact import url_secrets
+
+    # sys.argv for the real command line; the parsed values for in-process callers
+    # (CliRunner, embedding), whose arguments never reach sys.argv.
+    values = [str(a) for a in sys.argv]
+    while ctx is not None:
+        values += [str(v) for v in (ctx.params or {}).values() if v is not None]
+        ctx = ctx.parent
+    return [secret for value in values for secret in url_secrets(value)]
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    """Library messages can span lines (SQLAlchemy appends its docs link): keep one line."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe_exception(exc: BaseException) -> tuple[str, int]:
+    """(one-line message, exit code) for any exception that ends a command."""
+    from mnm_search._files import describe_os_error
+
+    if isinstance(exc, Terminated):
+        return "Terminated (SIGTERM); nothing half-written was left behind.", 143
+    if isinstance(exc, KeyboardInterrupt):
+        return "Interrupted; nothing half-written was left behind.", 130
+    if isinstance(exc, MnmError):
+        return str(exc), 1
+    if isinstance(exc, MemoryError):
+        return (
+            "out of memory: use a smaller model, --max-tokens or batch, or free memory "
+            "(close other programs)",
+            1,
+        )
+    if isinstance(exc, BrokenPipeError):
+        return "the output was closed before mnm finished writing it (a pipe reader exited)", 1
+    if isinstance(exc, OSError):
+        return describe_os_error(exc), 1
+    if isinstance(exc, json.JSONDecodeError):
+        return (
+            f"a JSON file is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}): "
+            "restore it (checkpoint config.json, --profile, run.json) or write it again",
+            1,
+        )
+    if isinstance(exc, UnicodeDecodeError):
+        return (
+            f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}): pass UTF-8 text "
+            "(--data) or restore the file",
+            1,
+        )
+    module = type(exc).__module__.split(".", 1)[0]
+    known = _LIBRARY_ERRORS.get(module)
+    name = type(exc).__name__
+    if known is not None and not isinstance(exc, (AssertionError, TypeError, AttributeError)):
+        what, fix = known
+        return _one_line(f"{what} ({name}: {exc}): {fix}"), 1
+    return (
+        _one_line(f"internal error: {name}: {exc}")
+        + " — run `mnm --debug ...` for the traceback and report it",
+        1,
+    )
+
+
+# Errors raised by the libraries we drive, keyed by top-level module: (what, fix).
+_LIBRARY_ERRORS: dict[str, tuple[str, str]] = {
+    "safetensors": (
+        "a .safetensors file is corrupt, truncated or could not be written",
+        "re-copy the checkpoint, check free space, or export it again",
+    ),
+    "yaml": ("a YAML file is invalid", "fix the --target YAML (see profiles/*.yaml)"),
+    "optuna": ("the Optuna study failed", "check --study, --storage and --sampler"),
+    "sqlalchemy": (
+        "the study database failed",
+        "check the --storage URL, that the database is reachable, and its permissions",
+    ),
+    "pandas": ("a CSV file is empty or malformed", "restore it or run `mnm search` again"),
+}
+
+
+def print_json(data: Any) -> None:
+    """One strict JSON object on stdout (NaN/inf as null: strict parsers reject `NaN`)."""
+    from mnm_search._files import json_text
+
+    typer.echo(json_text(data))
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from mnm_search._files import refuse_overlap
 from mnm_search.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
 from mnm_search.cli._common import (
     DEFAULT_EVAL_TOKENS,
@@ -224,10 +225,21 @@ def export(
         raise ConfigError(
             "--trial, --max-latency-ms and --all-pareto choose from --from RESULTS_DIR"
         )
-    if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir} already exists; choose another --out or pass --force")
     results = Results(from_dir) if from_dir is not None else None
     source = _source_path(ckpt, results)
+    # Before --force is considered: replacing --out must never delete what the export reads.
+    refuse_overlap(
+        out_dir,
+        {
+            "the checkpoint": source if source is not None else default_checkpoint_path(),
+            "the --from results directory": from_dir,
+            "the --profile file": profile,
+            "the --data text": data,
+            "the --target file": target,
+        },
+    )
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} already exists; choose another --out or pass --force")
     if source is not None and family_of(source) == GEMMA3N:
         _export_gemma3n(
             source,

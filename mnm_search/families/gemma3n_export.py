@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from safetensors import SafetensorError
 
-from mnm_search.checkpoint import atomic_directory
+from mnm_search._files import atomic_directory, describe_os_error, finite, refuse_overlap
 from mnm_search.config import run_length_widths
 from mnm_search.data import EvalSet
-from mnm_search.errors import ConfigError, DeviceError, ExportError
+from mnm_search.errors import ConfigError, DeviceError, ExportError, MnmError
 from mnm_search.families.gemma3n import EXPORT_INFO_FILE, Gemma3nFamily
 from mnm_search.families.gemma3n_profile import measure_gemma3n_latency
 from mnm_search.latency import LatencyModel
@@ -53,6 +54,8 @@ def export_gemma3n(
         raise ExportError("nothing to export: the front is empty")
     for _, widths in members:
         family.validate_widths(list(widths))
+    out = Path(out)
+    refuse_overlap(out, {"the source checkpoint": family.path})
     progress = on_progress or (lambda message: None)
     options: dict[str, Any] = {
         "eval_set": eval_set,
@@ -63,7 +66,6 @@ def export_gemma3n(
         "max_shard_size": max_shard_size,
         "progress": progress,
     }
-    out = Path(out)
     if len(members) == 1:
         trial, widths = members[0]
         return [_export_one(family, trial, widths, out, overwrite=overwrite, **options)]
@@ -76,8 +78,10 @@ def export_gemma3n(
                 report = _export_one(family, trial, widths, tmp / name, **options)
                 reports.append({**report, "path": str(out / name)})
             pd.DataFrame([_summary_row(r) for r in reports]).to_csv(tmp / "front.csv", index=False)
+    except MnmError:
+        raise
     except OSError as exc:
-        raise ExportError(f"writing {out} failed ({exc}); nothing was written") from exc
+        raise ExportError(f"{describe_os_error(exc, out)}; nothing was written") from exc
     return reports
 
 
@@ -104,12 +108,19 @@ def _export_one(
     if eval_set is not None:
         progress(f"evaluating {compact} on {eval_set.n_tokens:,} tokens")
         loss = family.evaluate_loss(widths, eval_set)
-        metadata["quality"] = {
-            "loss": round(loss, 6),
-            "perplexity": round(math.exp(loss), 4),
-            "eval_tokens": eval_set.n_tokens,
-            "data": data_name,
-        }
+        if math.isfinite(loss):
+            metadata["quality"] = {
+                "loss": round(loss, 6),
+                "perplexity": round(math.exp(loss), 4),
+                "eval_tokens": eval_set.n_tokens,
+                "data": data_name,
+            }
+        else:  # JSON has no NaN: say why there is no number instead
+            metadata["quality"] = None
+            metadata["quality_not_measured"] = (
+                f"the loss on {eval_set.n_tokens:,} tokens of {data_name} is {loss} "
+                "(overflow in this dtype, or a broken configuration)"
+            )
     predicted = latency_model.predict_ms(widths) if latency_model is not None else None
     if target is not None:
         metadata["latency"] = {
@@ -125,10 +136,21 @@ def _export_one(
     progress(f"writing and verifying {compact}")
     try:
         family.export_hf(
-            widths, out, overwrite=overwrite, metadata=metadata, max_shard_size=max_shard_size
+            widths,
+            out,
+            overwrite=overwrite,
+            # Strict JSON in mnm.json: a NaN loss or latency is recorded as null.
+            metadata=finite(metadata),
+            max_shard_size=max_shard_size,
         )
     except OSError as exc:
-        raise ExportError(f"writing {out} failed ({exc}); nothing was written") from exc
+        raise ExportError(f"{describe_os_error(exc, out)}; nothing was written") from exc
+    except SafetensorError as exc:
+        # Shards are written by mnm's own writer (OSError); safetensors only reads the source.
+        raise ExportError(
+            f"reading the weights of {family.path} failed ({exc}): the checkpoint is corrupt "
+            f"or truncated; re-copy it. Nothing was written to {out}"
+        ) from exc
     return {"path": str(out), **json.loads((out / EXPORT_INFO_FILE).read_text())}
 
 
