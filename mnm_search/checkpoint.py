@@ -132,7 +132,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
         )
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    # ValueError: bad JSON, bad UTF-8, and integers of more than 4300 digits.
+    except ValueError as exc:
         raise CheckpointError(
             f"{config_path} is not valid JSON ({exc}); restore it from the checkpoint's source"
         ) from exc

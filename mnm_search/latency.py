@@ -252,7 +252,8 @@ class LatencyModel:
             )
         try:
             profile = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # ValueError: bad JSON, bad UTF-8, and integers of more than 4300 digits.
+        except ValueError as exc:
             raise ProfileError(
                 f"latency profile {path} is corrupt (not valid JSON: {exc}); re-run mnm profile"
             ) from None
@@ -267,7 +268,9 @@ class LatencyModel:
                 f"latency profile {path} was measured for checkpoint {model.fingerprint}, "
                 f"not for this one ({fingerprint}); profile this checkpoint with `mnm profile`"
             )
-        diffs = hardware_differences(profile.get("device") or {}, machine_facts(model.target))
+        device = profile.get("device")
+        recorded = device if isinstance(device, dict) else {}  # facts only inform a warning
+        diffs = hardware_differences(recorded, machine_facts(model.target))
         if diffs:
             warnings.warn(
                 f"latency profile {path} was measured on other hardware ({'; '.join(diffs)}); "

@@ -235,7 +235,8 @@ def _read_state(out: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is {path.stat().st_size:,} bytes, too big to be ours; {fix}")
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    # ValueError: bad JSON, bad UTF-8, and integers of more than 4300 digits.
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); {fix}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} must hold a JSON object; {fix}")

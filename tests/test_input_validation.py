@@ -98,6 +98,12 @@ def test_model_config_constructor_refuses_huge_sizes_directly() -> None:
         ModelConfig(d_model=32, n_layers=10**7, n_heads=2, d_ff=64, granularities=(64,))
 
 
+def test_config_json_with_a_4301_digit_integer_is_refused(tiny_checkpoint: Path) -> None:
+    path = tiny_checkpoint / "config.json"
+    path.write_text(path.read_text().replace('"n_layers": 3', '"n_layers": ' + "9" * 4301))
+    _assert_clean_cli_error(["info", str(tiny_checkpoint)], "is not valid JSON")
+
+
 def test_oversized_config_json_is_refused(tiny_checkpoint: Path) -> None:
     path = tiny_checkpoint / "config.json"
     config = json.loads(path.read_text())
@@ -336,6 +342,26 @@ def test_bad_latency_profile_is_refused(
     assert message in text
     assert str(path) in text
     assert "mnm profile" in text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"format": "mnm-latency-profile", "x": ' + "1" * 5000 + "}", "corrupt"),
+        ("[" * 100_000, "nested too deeply"),
+    ],
+)
+def test_pathological_profile_json_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text(text)
+    with pytest.raises(ProfileError, match=message):
+        LatencyModel.load(path)
+
+
+def test_profile_with_odd_device_facts_loads(tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({**_profile(), "device": ["not", "a", "mapping"]}))
+    assert LatencyModel.load(path).n_layers == 3
 
 
 def test_valid_profile_still_predicts(tmp_path: Path) -> None:
