@@ -2,11 +2,55 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import inspect
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from mnm_search.cli import _core, _demo, _export, _pareto, _profile, _search
+
+
+def _without_flag_metavars(params: list[Any]) -> list[Any]:
+    """Give boolean flags an empty metavar, so that help shows `--json`, not `--json <bool>`.
+
+    typer 0.29's rich help prints every option's type, flags included, which reads as if
+    they took a value (`mnm info --json true` then fails on the checkpoint "true"). Its plain
+    help already leaves flags bare; an explicit metavar is what the rich one prints instead.
+    """
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+def _reflow(text: str | None) -> str | None:
+    """Join the line breaks inside each paragraph of a docstring.
+
+    typer 0.29's rich help keeps them, so a docstring wrapped at 96 columns comes out ragged
+    on an 80-column terminal. Paragraphs (blank-line separated) stay apart.
+    """
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+class _Command(TyperCommand):
+    """Every `mnm` command: bare flags and reflowed help (see the functions above)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _reflow(self.help)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _without_flag_metavars(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _without_flag_metavars(super().get_params(ctx))
+
 
 app = typer.Typer(
     name="mnm",
@@ -14,6 +58,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
 
 
@@ -25,14 +70,17 @@ def _root(
     ctx.obj = {"debug": debug}
 
 
-app.command(name="info")(_core.info)
-app.command(name="eval")(_core.eval_command)
-app.command(name="profile")(_profile.profile)
-app.command(name="search")(_search.search)
-app.command(name="pareto")(_pareto.pareto)
-app.command(name="export")(_export.export)
-app.command(name="train")(_core.train)
-app.command(name="demo")(_demo.demo)
+for _name, _function in {
+    "info": _core.info,
+    "eval": _core.eval_command,
+    "profile": _profile.profile,
+    "search": _search.search,
+    "pareto": _pareto.pareto,
+    "export": _export.export,
+    "train": _core.train,
+    "demo": _demo.demo,
+}.items():
+    app.command(name=_name, cls=_Command)(_function)
 
 
 def main() -> None:
