@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -29,7 +30,18 @@ def tiny_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoin
     return tiny_checkpoint
 
 
-def test_demo_quick_runs_the_whole_pipeline(tmp_path: Path, tiny_default: Path) -> None:
+def test_demo_quick_runs_the_whole_pipeline(
+    tmp_path: Path, tiny_default: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured = _demo.profile_with_progress
+
+    def noisy_profile(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The real profile with the validation of a busy machine (the demo must warn)."""
+        profile = measured(*args, **kwargs)
+        profile["validation"].update(mape_pct=49.4, noise_floor={"mape_pct": 23.0})
+        return profile
+
+    monkeypatch.setattr(_demo, "profile_with_progress", noisy_profile)
     result = CliRunner().invoke(app, ["demo", "--quick"])
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
@@ -60,6 +72,17 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path: Path, tiny_default: Path) 
     assert export["logits_max_abs_diff"] <= 1e-5 and export["measured_ms"] > 0
     for text in ("results/demo/pareto.png", "results/demo/export", "[5/5] done"):
         assert text in result.output
+    # losses say what they were measured on (they differ with the text and token count)
+    label = "nats/token, bundled validation text, 256 tokens"
+    flat = " ".join(result.output.split())  # undo rich's line wrapping
+    assert f"(loss: {label})" in flat
+    assert f"{export['loss']:.4f} ({label})" in flat
+    # a latency model fitted on a noisy machine is called out, with what to do
+    assert "Warning: this latency model is unreliable" in flat
+    assert "held-out MAPE 49.4 % > 15 %" in flat and "noise floor 23.0 % > 10 %" in flat
+    profile = json.loads((demo / "profile.json").read_text())
+    assert profile["warnings"][0].startswith("held-out MAPE 49.4 %")
+    assert profile["warnings"][1].startswith("noise floor 23.0 %")
 
 
 def test_demo_refuses_a_directory_it_did_not_write(tmp_path: Path, tiny_default: Path) -> None:

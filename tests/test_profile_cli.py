@@ -163,7 +163,8 @@ def test_eval_with_profile_reports_predicted_latency(
     assert data["latency_interpolated_layers"] == []
     assert coefficients is not None
     table = runner.invoke(app, [*args, "--profile", str(profile_file)])
-    assert table.exit_code == 0 and "latency ms" in table.output
+    assert table.exit_code == 0 and "pred. ms" in table.output
+    assert "pred. ms: latency on tiny-prefill predicted by the profile" in table.output
     plain = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
     assert "latency_ms" not in plain
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,8 +19,17 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Column, Table
 
 from mnm_search.errors import MnmError, Terminated
 
@@ -174,16 +184,30 @@ def print_json(data: Any) -> None:
 
 @contextmanager
 def progress_bar(*, transient: bool = True) -> Iterator[Progress]:
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=err,
-        transient=transient,
-    )
+    """Progress on stderr for anything that can take more than a few seconds.
+
+    Tasks take a `status` field. On a terminal this is a rich bar; its status column wraps
+    rather than pushing the bar and the times off an 80-column screen. Anywhere else (a log
+    file, a pipe, CI) a live bar would print nothing until the end, so plain progress lines
+    are printed instead (see `LogProgress`).
+    """
+    progress: Progress
+    if err.is_terminal and not err.is_dumb_terminal:
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(compact=True),
+            TextColumn(
+                "{task.fields[status]}",
+                table_column=Column(ratio=1, no_wrap=False, overflow="fold"),
+            ),
+            console=err,
+            transient=transient,
+        )
+    else:
+        progress = LogProgress(console=err)
     with progress:
         yield progress
 
@@ -214,19 +238,122 @@ def refuse_step(step: int | None) -> None:
 
 
 def print_eval_result(result: dict[str, Any]) -> None:
-    """The table of `mnm eval` (both families) from its JSON result."""
-    table = Table(title=f"eval {result['widths_compact']}")
-    columns = ["loss (nats/token)", "perplexity", "params"]
+    """The table of `mnm eval` (both families) from its JSON result.
+
+    Short headers keep it within 80 columns even with Gemma's 10-digit parameter counts;
+    the caption says what the loss was measured on and what predicted the latency.
+    """
+    notes = [f"loss: {loss_label(result.get('data'), result.get('n_tokens'))}"]
+    columns = ["loss", "ppl", "params"]
     cells = [f"{result['loss']:.4f}", f"{result['perplexity']:.3f}", f"{result['params']:,}"]
     if "effective_params" in result:
         columns.append("effective")
         cells.append(f"{result['effective_params']:,}")
-    columns += ["tokens", "seconds"]
+    columns += ["tokens", "eval s"]
     cells += [f"{result['n_tokens']:,}", f"{result['eval_seconds']:.2f}"]
     if "latency_ms" in result:
-        columns.append(f"latency ms ({result['latency_target']}, predicted)")
+        columns.append("pred. ms")
         cells.append(f"{result['latency_ms']:.3f}")
+        notes.append(f"pred. ms: latency on {result['latency_target']} predicted by the profile")
+    table = Table(title=f"eval {result['widths_compact']}", caption="\n".join(notes))
     for column in columns:
-        table.add_column(column, justify="right")
+        add_number_column(table, column)
     table.add_row(*cells)
     out.print(table)
+
+
+def loss_label(data: str | None, n_tokens: int | None) -> str:
+    """What a loss was measured on, e.g. `nats/token, bundled validation text, 8,192 tokens`.
+
+    Losses are only comparable on the same text and the same number of tokens (the eval set
+    is a prefix of the text, and the bundled text gets harder further in), so every loss
+    shown names both. `data` is what results record: a path, or None for the bundled text.
+    """
+    text = data or "bundled validation text"
+    tokens = f"{n_tokens:,} tokens" if n_tokens else "token count not recorded"
+    return f"nats/token, {text}, {tokens}"
+
+
+def add_number_column(table: Table, header: str, **options: Any) -> None:
+    """A right-aligned column whose numbers wrap instead of being cut to `1.46…` when narrow."""
+    table.add_column(header, justify="right", overflow="fold", **options)
+
+
+PROGRESS_LOG_SHARE = 0.1  # without a terminal: a progress line every 10 % of a task ...
+PROGRESS_LOG_SECONDS = 30.0  # ... or every 30 s, whichever comes first
+
+
+class LogProgress(Progress):
+    """`Progress` for logs: plain lines instead of a live bar that shows only at the end.
+
+    Prints `description done/total (pct), elapsed, time left, status` each time a task
+    passes another 10 % of its total or 30 s after its last line, and once more for any
+    task that moved since its last line when the display stops.
+    """
+
+    def __init__(
+        self,
+        *,
+        console: Console,
+        every_share: float = PROGRESS_LOG_SHARE,
+        every_seconds: float = PROGRESS_LOG_SECONDS,
+    ) -> None:
+        super().__init__(console=console, disable=True)  # disabled: no live display at all
+        self.every_share = every_share
+        self.every_seconds = every_seconds
+        self._last: dict[TaskID, tuple[float, float]] = {}  # task -> (completed, time) logged
+
+    def add_task(self, description: str, *args: Any, **kwargs: Any) -> TaskID:
+        task_id = super().add_task(description, *args, **kwargs)
+        self._last[task_id] = (self._tasks[task_id].completed, time.monotonic())
+        return task_id
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        self._maybe_log(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._maybe_log(task_id)
+
+    def stop(self) -> None:
+        super().stop()
+        for task in self.tasks:
+            if task.completed != self._last.get(task.id, (None, 0.0))[0]:
+                self._log(task)
+
+    def _maybe_log(self, task_id: TaskID) -> None:
+        task = self._tasks[task_id]
+        last_completed, last_time = self._last[task_id]
+        step = self.every_share * task.total if task.total else None
+        due_by_share = step is not None and task.completed >= last_completed + step
+        due_by_time = time.monotonic() - last_time >= self.every_seconds
+        if due_by_share or due_by_time:
+            self._log(task)
+
+    def _log(self, task: Task) -> None:
+        self._last[task.id] = (task.completed, time.monotonic())
+        self.console.print(progress_line(task), highlight=False, markup=False, soft_wrap=True)
+
+
+def progress_line(task: Task) -> str:
+    """`searching 30/100 (30 %), 0:00:45 elapsed, ~0:01:45 left, <status>` for a log."""
+    done = f"{task.completed:,.0f}"
+    if task.total:
+        done += f"/{task.total:,.0f} ({task.completed / task.total:.0%})"
+    parts = [f"{task.description} {done}"]
+    elapsed = task.elapsed or 0.0
+    parts.append(f"{_clock(elapsed)} elapsed")
+    if task.total and 0 < task.completed < task.total:
+        left = elapsed * (task.total - task.completed) / task.completed
+        parts.append(f"~{_clock(left)} left")
+    status = str(task.fields.get("status") or "").strip()
+    if status:
+        parts.append(status)
+    return ", ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

@@ -21,6 +21,7 @@ from mnm_search.cli._common import (
     StepOpt,
     err,
     family_of,
+    loss_label,
     out,
     print_eval_result,
     print_json,
@@ -113,7 +114,8 @@ def info(ckpt: CkptArg = None, as_json: JsonOpt = False, step: StepOpt = None) -
     training = checkpoint.metadata.get("training")
     if training:
         commands = training.get("commands") or [training.get("command") or "?"]
-        table.add_row("trained with", "\n".join(commands))
+        shown = [display_command(command, checkpoint.path) for command in commands]
+        table.add_row("trained with", "\n".join(shown))
         if training.get("history"):
             table.add_row("history", training["history"])
         table.add_row("corpus", str(training.get("corpus")))
@@ -122,12 +124,59 @@ def info(ckpt: CkptArg = None, as_json: JsonOpt = False, step: StepOpt = None) -
             f"{training.get('step')} steps, {training.get('tokens_seen', 0):,} tokens, "
             f"{training.get('tokens_per_second')} tokens/s",
         )
+        val_text = _training_validation_text(training)
+        val_tokens = (training.get("settings") or {}).get("eval_tokens")
         if training.get("val_losses"):
             losses = ", ".join(f"{k} {v:.4f}" for k, v in training["val_losses"].items())
-            table.add_row("val loss (nats)", losses)
+            where = loss_label(val_text, val_tokens)
+            table.add_row("val loss", f"{losses}\n({where}; at the last training step)")
+        shipped = training.get("shipped_weights") or {}
+        if shipped.get("val_losses_uniform"):
+            losses = ", ".join(f"{k} {v:.4f}" for k, v in shipped["val_losses_uniform"].items())
+            where = loss_label(None, shipped.get("eval_tokens"))
+            dtype = shipped.get("storage_dtype", "stored")
+            table.add_row(f"loss ({dtype})", f"{losses}\n({where}; the weights as shipped)")
         if training.get("unigram_val_loss"):
-            table.add_row("unigram baseline", f"{training['unigram_val_loss']:.4f}")
+            table.add_row("unigram baseline", f"{training['unigram_val_loss']:.4f} nats/token")
     out.print(table)
+
+
+def _training_validation_text(training: dict[str, Any]) -> str:
+    """The text a training run validated on, as recorded in its `corpus` line."""
+    corpus = str(training.get("corpus") or "")
+    if corpus.startswith("built-in"):
+        return "bundled validation text"
+    return "validation split of the training data"
+
+
+def display_command(command: str, checkpoint_dir: Path | None) -> str:
+    """A recorded command with absolute paths shortened for display.
+
+    Training commands are recorded as typed, so a shipped checkpoint would show the paths
+    of the machine it was trained on. A path inside the checkpoint directory is shown
+    relative to it (`.` for the directory itself); any other absolute path by its last
+    component.
+    """
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: show it as recorded
+        return command
+    return shlex.join(_short_path(word, checkpoint_dir) for word in words)
+
+
+def _short_path(word: str, checkpoint_dir: Path | None) -> str:
+    option, equals, value = word.partition("=")
+    if equals and option.startswith("--"):
+        return f"{option}={_short_path(value, checkpoint_dir)}"
+    if not word.startswith("/"):
+        return word
+    path = Path(word)
+    if checkpoint_dir is not None:
+        try:
+            return str(path.relative_to(checkpoint_dir.resolve()))
+        except ValueError:
+            pass
+    return path.name or word
 
 
 @user_errors
@@ -136,7 +185,10 @@ def eval_command(
     widths: Annotated[
         str | None,
         typer.Option(
-            "--widths", "-w", help="One width per layer: S,M,L,XL, g0.., integers, 0 = skip, X*N."
+            "--widths",
+            "-w",
+            help="One width per layer: S,M,L,XL, g0.., integers, 0 = skip, X*N "
+            "(default: the checkpoint's own widths, i.e. the full model for a universal one).",
         ),
     ] = None,
     data: DataOpt = None,
@@ -217,8 +269,22 @@ def train(
     ] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")] = 100,
-    eval_every: Annotated[int, typer.Option("--eval-every", min=1)] = 250,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1)] = 250,
+    eval_every: Annotated[
+        int,
+        typer.Option(
+            "--eval-every",
+            min=1,
+            help="Measure every granularity's validation loss every N steps (and at the end).",
+        ),
+    ] = 250,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option(
+            "--checkpoint-every",
+            min=1,
+            help="Save a resumable checkpoint to --out every N steps (and at the end).",
+        ),
+    ] = 250,
     granularity_mode: Annotated[
         str,
         typer.Option(

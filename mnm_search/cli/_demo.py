@@ -16,10 +16,14 @@ from typing import Annotated, Any
 import typer
 
 from mnm_search.checkpoint import load_checkpoint
-from mnm_search.cli._common import err, out, progress_bar, user_errors
+from mnm_search.cli._common import err, loss_label, out, progress_bar, user_errors
 from mnm_search.cli._export import default_measurement_target
 from mnm_search.cli._pareto import Results, front_table, print_front, write_outputs
-from mnm_search.cli._profile import profile_with_progress
+from mnm_search.cli._profile import (
+    latency_model_warnings,
+    print_latency_model_warnings,
+    profile_with_progress,
+)
 from mnm_search.data import load_eval_set
 from mnm_search.errors import ConfigError
 from mnm_search.export import export_submodel, pick_under_budget
@@ -88,18 +92,23 @@ def demo(
     kind = "quick profile" if plan.quick_profile else "profile"
     _stage(1, f"{kind} of {target.describe()}")
     profile = profile_with_progress(checkpoint, target, quick=plan.quick_profile)
+    validation = profile.get("validation") or {}
+    profile["warnings"] = latency_model_warnings(validation)
     profile_path = write_profile(profile, out_dir / "profile.json")
     latency_model = LatencyModel.from_profile(profile)
-    validation = profile.get("validation") or {}
     if validation.get("mape_pct") is not None:
         err.print(
             f"      latency model: {validation['mape_pct']:.1f}% MAPE on held-out sliced "
             f"models (noise floor {validation.get('noise_floor', {}).get('mape_pct', 0):.1f}%)",
             highlight=False,
         )
+    print_latency_model_warnings(profile["warnings"])
 
-    _stage(2, f"searching {plan.trials} configurations (loss on {plan.eval_tokens:,} tokens)")
     eval_set = load_eval_set(None, seq_len=config.max_seq_len, max_tokens=plan.eval_tokens)
+    _stage(
+        2,
+        f"searching {plan.trials} configurations (loss: {loss_label(None, eval_set.n_tokens)})",
+    )
     settings = SearchSettings(n_trials=plan.trials, objectives=("loss", "latency"), seed=0)
     full_ms = latency_model.predict_ms(config.physical_widths)
     budget = BUDGET_SHARE * full_ms
@@ -186,7 +195,8 @@ def _print_summary(summary: dict[str, Any], compact: str) -> None:
         f"exported      {export['path']}  ({compact}, {export['params']:,} params)",
     ]
     if export.get("loss") is not None:
-        lines.append(f"  loss        {export['loss']:.4f} nats/token")
+        where = loss_label(export.get("data"), export.get("eval_tokens"))
+        lines.append(f"  loss        {export['loss']:.4f} ({where})")
     if export.get("measured_ms") is not None:
         lines.append(
             f"  latency     {export['measured_ms']:.2f} ms measured, "

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+from rich.panel import Panel
 from rich.table import Table
 
 from mnm_search.checkpoint import Checkpoint, load_checkpoint
@@ -16,6 +18,7 @@ from mnm_search.cli._common import (
     CkptArg,
     JsonOpt,
     StepOpt,
+    add_number_column,
     err,
     family_of,
     out,
@@ -127,13 +130,16 @@ def profile(
         checkpoint = load_checkpoint(ckpt)
         err.print(f"Profiling {target.describe()}", highlight=False)
         result = profile_with_progress(checkpoint, target, quick=quick, extra_widths=extra)
+    result["warnings"] = latency_model_warnings(result["validation"])
     write_profile(result, destination)
+    print_latency_model_warnings(result["warnings"])  # stderr: --json stays one object
     if as_json:
         print_json(
             {
                 "profile": str(destination),
                 "target": result["target"],
                 "validation": {k: v for k, v in result["validation"].items() if k != "samples"},
+                "warnings": result["warnings"],
                 "seconds": result["timing"]["seconds"],
             }
         )
@@ -171,10 +177,9 @@ def print_summary(result: dict[str, Any], config: ModelConfig) -> None:
     widths = table_info["widths"]
     names = dict(zip(config.granularities, config.granularity_names))
     ffn = Table(title="FFN time per layer (ms, isolated, median)")
-    ffn.add_column("layer", justify="right")
+    add_number_column(ffn, "layer")
     for w in widths:
-        label = f"{names[w]} ({w})" if w in names else f"{w} (extra)"
-        ffn.add_column(label, justify="right")
+        add_number_column(ffn, f"{names[w]} ({w})" if w in names else f"{w} (extra)")
     rows = [[entry[str(w)]["median_ms"] for w in widths] for entry in table_info["per_layer"]]
     for layer, row in enumerate(rows):
         ffn.add_row(str(layer), *(f"{v:.4f}" for v in row))
@@ -185,7 +190,7 @@ def print_summary(result: dict[str, Any], config: ModelConfig) -> None:
 
     fixed = Table(title="Fixed costs (ms, isolated, median)")
     fixed.add_column("component")
-    fixed.add_column("ms", justify="right")
+    add_number_column(fixed, "ms")
     costs = result["fixed_costs_ms"]
     attention = sum(v["median_ms"] for k, v in costs.items() if k.startswith("attention."))
     fixed.add_row("embedding", f"{costs['embedding']['median_ms']:.4f}")
@@ -195,7 +200,7 @@ def print_summary(result: dict[str, Any], config: ModelConfig) -> None:
 
     uniform = Table(title="Uniform models (calibration samples)")
     for column in ("model", "params", "measured ms", "predicted ms", "error", "memory MB"):
-        uniform.add_column(column, justify="right")
+        add_number_column(uniform, column)
     samples = {tuple(s["widths"]): s for s in result["calibration"]["samples"]}
     for name, g in zip(config.granularity_names, config.granularities):
         sample = samples.get(tuple(config.uniform_widths(g)))
@@ -220,8 +225,9 @@ def print_validation(result: dict[str, Any]) -> None:
     validation = result["validation"]
     naive, noise = validation["naive"], validation["noise_floor"]
     quality = Table(title=f"Held-out validation ({validation['n']} sliced models)")
-    for column in ("metric", "calibrated model", "naive table", "noise floor"):
-        quality.add_column(column, justify="right")
+    quality.add_column("metric")
+    for column in ("calibrated model", "naive table", "noise floor"):
+        add_number_column(quality, column)
     quality.add_row(
         "MAPE", _pct(validation["mape_pct"]), _pct(naive["mape_pct"]), _pct(noise["mape_pct"])
     )
@@ -244,6 +250,56 @@ def print_validation(result: dict[str, Any]) -> None:
         _pct(noise["max_abs_pct_err"]),
     )
     out.print(quality)
+
+
+# A latency model is only as good as the timings it was fitted on. Past these limits its
+# predictions (search fronts, export budgets) are not to be trusted: a profile measured on a
+# busy 2-core machine reached 49 % MAPE, where an idle one gets ~2-3 %.
+MAX_MAPE_PCT = 15.0  # held-out prediction error of the calibrated model
+MAX_NOISE_PCT = 10.0  # the same configurations measured twice
+MIN_SPEARMAN = 0.8  # does the model at least rank configurations like the measurements?
+
+
+def latency_model_warnings(validation: dict[str, Any]) -> list[str]:
+    """Why a profile's held-out validation says not to trust its latency model (or [])."""
+    problems: list[str] = []
+    mape = validation.get("mape_pct")
+    if mape is not None and mape > MAX_MAPE_PCT:
+        problems.append(
+            f"held-out MAPE {mape:.1f} % > {MAX_MAPE_PCT:.0f} %: predicted latencies are off "
+            f"by that much on average"
+        )
+    noise = (validation.get("noise_floor") or {}).get("mape_pct")
+    if noise is not None and noise > MAX_NOISE_PCT:
+        problems.append(
+            f"noise floor {noise:.1f} % > {MAX_NOISE_PCT:.0f} %: the same configurations "
+            f"measured twice differed by that much, so the machine was busy or its clock varied"
+        )
+    spearman = validation.get("spearman")
+    if spearman is not None and spearman < MIN_SPEARMAN:
+        problems.append(
+            f"Spearman {spearman:.2f} < {MIN_SPEARMAN}: the model does not rank configurations "
+            f"by speed the way the measurements do"
+        )
+    return problems
+
+
+def print_latency_model_warnings(problems: Sequence[str]) -> None:
+    """A prominent box on stderr saying what a bad validation means and what to do."""
+    if not problems:
+        return
+    lines = "\n".join(f"- {escape(text)}" for text in problems)
+    err.print(
+        Panel(
+            f"{lines}\n\nSearch fronts and export latency budgets built on this profile may "
+            f"be wrong. To measure a usable one: stop other jobs (check `uptime`), use a target "
+            f"with `threads: 1`, raise `repeats` in the target YAML, and re-run `mnm profile` "
+            f"without --quick.",
+            title="[bold]Warning: this latency model is unreliable[/]",
+            border_style="yellow",
+        ),
+        highlight=False,
+    )
 
 
 @contextmanager
