@@ -324,7 +324,7 @@ def _with_checkpoint(**fields: Any) -> dict[str, Any]:
         (_profile(ffn_ms="fast"), "ffn_ms must be a list of rows"),
         (_profile(measured_widths=[8, "16", 32, 64]), "measured_widths[1] must be an integer"),
         (_profile(measured_widths=[8, 16, 32, 128]), "strictly increasing widths in [1, d_ff=64]"),
-        (_profile(coefficients=[-1000.0, 1.0, 1.0]), "calibration predicts"),
+        (_profile(coefficients=[-1000.0, 1.0, 1.0]), "a latency must be positive"),
         (_with_checkpoint(n_layers=6), "checkpoint.n_layers is 6, but ffn_ms holds 3 rows"),
         (_with_checkpoint(fingerprint=None), "fingerprint must be a non-empty string, got None"),
         (_with_checkpoint(d_ff=True), "d_ff must be an integer from 1 to"),
