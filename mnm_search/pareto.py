@@ -179,9 +179,12 @@ def read_trials(path: str | Path) -> pd.DataFrame:
         )
 
     def bad(row: Any, column: str, value: Any, expected: str) -> ResultsError:
+        if isinstance(value, np.generic):
+            value = value.item()
+        shown = "empty" if pd.isna(value) else repr(str(value))
         # Line numbers as an editor shows them: the header is line 1.
         return ResultsError(
-            f"{path}, line {int(row) + 2}: {column} is {value!r}, expected {expected}; {_FIX}"
+            f"{path}, line {int(row) + 2}: {column} is {shown}, expected {expected}; {_FIX}"
         )
 
     for column in (c for c in _NUMERIC_COLUMNS if c in frame.columns):

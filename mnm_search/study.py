@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import time
 import warnings
@@ -165,6 +166,68 @@ class SearchSettings:
             "memory_bytes": self.max_memory,
         }
         return {column: float(v) for column, v in limits.items() if v is not None}
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a search; `signum` says which."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _SignalGuard:
+    """Delivers SIGINT/SIGTERM as `SearchInterrupted` only where that is safe.
+
+    Python raises KeyboardInterrupt wherever the signal lands. Inside Optuna's storage writes
+    that tears the journal, and inside its `tell` it leaves the trial RUNNING (Optuna then
+    fails with UnboundLocalError instead). So: during a trial's evaluation (pure compute) the
+    signal raises at once; anywhere else it is held, the study is told to stop, and it is
+    raised at the next safe point.
+    """
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.safe = False
+        self.study: optuna.Study | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> bool:
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: signals stay as they were
+            self.uninstall()
+            return False
+        return True
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.pending is None:
+            self.pending = signum
+        if self.safe:
+            self.safe = False
+            raise SearchInterrupted(signum)
+        if self.study is not None:
+            self.study.stop()  # only sets a flag: safe anywhere
+
+    def check(self) -> None:
+        """Raise a held signal (call only where raising is safe)."""
+        if self.pending is not None:
+            raise SearchInterrupted(self.pending)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Any:
+        self.check()
+        self.safe = True
+        try:
+            yield
+        finally:
+            self.safe = False
 
 
 @dataclass
@@ -731,6 +794,10 @@ def _eval_failed(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and _FAIL_ATTR in trial.user_attrs
 
 
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def _failure(metrics: dict[str, Any], columns: Sequence[str]) -> str | None:
     """Why METRICS cannot be a result: the first of COLUMNS that is missing or not finite."""
     for column in columns:
@@ -752,8 +819,13 @@ def _fail_running(study: optuna.Study, worker: str) -> None:
                 study.tell(trial.number, state=TrialState.FAIL)
 
 
-def trials_frame(trials: Sequence[FrozenTrial], space: SearchSpace) -> pd.DataFrame:
-    """One row per trial (surplus claims left out), DESIGN §3 columns first."""
+def trials_frame(
+    trials: Sequence[FrozenTrial], space: SearchSpace, keep: Sequence[str] = ()
+) -> pd.DataFrame:
+    """One row per trial (surplus claims left out), DESIGN §3 columns first.
+
+    Metric columns no trial has are left out, except `loss` and those in `keep` (the
+    objectives: readers need them even when every trial failed)."""
     rows = []
     for trial in trials:
         attrs = trial.user_attrs
@@ -781,12 +853,13 @@ def trials_frame(trials: Sequence[FrozenTrial], space: SearchSpace) -> pd.DataFr
     columns += ["worker", "seconds", "fail_reason"]
     frame = pd.DataFrame(rows, columns=columns)
     # Drop metric columns this search never computed (e.g. latency without a profile).
-    empty = [c for c in _METRIC_COLUMNS if c != "loss" and frame[c].isna().all()]
+    kept = {"loss", *keep}
+    empty = [c for c in _METRIC_COLUMNS if c not in kept and frame[c].isna().all()]
     if frame["fail_reason"].isna().all():
         empty.append("fail_reason")
     frame = frame.drop(columns=empty)
-    params = frame["params"]
-    frame["params"] = params.astype("Int64") if not params.isna().all() else params
+    if "params" in frame.columns:  # absent when every trial failed before counting params
+        frame["params"] = frame["params"].astype("Int64")
     if "memory_bytes" in frame.columns:
         frame["memory_bytes"] = frame["memory_bytes"].astype("Int64")
     return frame.sort_values("trial").reset_index(drop=True)
@@ -819,6 +892,7 @@ def run_search(
     on_ready: Callable[[int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     named_configs: Sequence[tuple[str, Sequence[int]]] = (),
+    handle_signals: bool = False,
 ) -> SearchResult:
     """Run (or resume) a study until it holds `settings.n_trials` complete trials.
 
@@ -834,7 +908,9 @@ def run_search(
     FAILED with the reason in its `fail_reason` user attr and counts toward `n_trials`; a
     study whose trials all fail stops with a SearchError naming the likely cause.
     Interrupted (KeyboardInterrupt), this process's running trial is failed, never left
-    RUNNING, and the result files are written before the interrupt propagates.
+    RUNNING, and the result files are written before the interrupt propagates. With
+    `handle_signals` (main thread only; the CLI sets it) SIGINT and SIGTERM raise
+    `SearchInterrupted` only at safe points (see `_SignalGuard`), never inside a storage write.
     """
     results_dir = Path(results_dir)
     native = isinstance(checkpoint, Checkpoint)
@@ -909,6 +985,8 @@ def run_search(
         else None
     )
     fidelity_gaps: list[float] = []  # full - subset loss of fully evaluated configs
+    guard = _SignalGuard()
+    guard.study = study
     started = time.monotonic()
     n_new = 0
     consecutive_failures = 0
@@ -985,6 +1063,7 @@ def run_search(
                 and (t.state != TrialState.FAIL or _eval_failed(t))
             ]
 
+        guard.check()  # a signal held while the previous trial was being stored
         ahead = claimed_ahead()
         # Before calling this trial surplus, make sure no claim ahead of it is an orphan of a
         # killed worker: owned orphans fail at once, untagged ones once they are stale.
@@ -1023,14 +1102,16 @@ def run_search(
         else:
             full = True
             if screener is not None:
-                loss_low = screener.evaluate(widths).loss
+                with guard.interruptible():
+                    loss_low = screener.evaluate(widths).loss
                 if not can_reach_front(metrics, loss_low):
                     mean = sum(fidelity_gaps) / len(fidelity_gaps)
                     metrics["loss"] = loss_low + mean  # predicted; dominated either way
                     metrics["fidelity"] = "subset"
                     full = False
             if full:
-                quality = evaluator.evaluate(widths)
+                with guard.interruptible():
+                    quality = evaluator.evaluate(widths)
                 metrics["loss"] = quality.loss
                 metrics["fidelity"] = "full"
                 if quality.agreement is not None:
@@ -1048,7 +1129,9 @@ def run_search(
     def fail(trial: optuna.Trial, metrics: dict[str, Any], reason: str) -> tuple[float, ...]:
         # Non-finite values make Optuna fail the trial, with no traceback; the reason stays
         # with the trial (and in trials.csv) for the user.
-        trial.set_user_attr(_METRICS_ATTR, metrics)
+        # Non-finite values are left out: tables have integer columns and JSON has no NaN.
+        finite = {k: v for k, v in metrics.items() if not _non_finite(v)}
+        trial.set_user_attr(_METRICS_ATTR, finite)
         trial.set_user_attr(_FAIL_ATTR, reason)
         return tuple(math.nan for _ in settings.columns)
 
@@ -1082,7 +1165,7 @@ def run_search(
         )
         if not (show or due):
             return
-        frame = trials_frame(trials, space)
+        frame = trials_frame(trials, space, settings.columns)
         if due:
             _write(frame)
             write_seconds = time.monotonic() - now
@@ -1113,6 +1196,8 @@ def run_search(
 
     if on_ready is not None:
         on_ready(complete_count())
+    if handle_signals:
+        guard.install()
     try:
         if done_count() < n_target:
             study.optimize(
@@ -1122,12 +1207,16 @@ def run_search(
                 gc_after_trial=False,
                 show_progress_bar=False,
             )
+        guard.check()  # a signal held while Optuna stored the last trial
     except KeyboardInterrupt:
         _fail_running(study, worker)
         raise
     finally:
-        frame = trials_frame(study.get_trials(deepcopy=False), space)
-        front = _write(frame)
+        try:  # signals stay held until the files are whole
+            frame = trials_frame(study.get_trials(deepcopy=False), space, settings.columns)
+            front = _write(frame)
+        finally:
+            guard.uninstall()
     if info["n_complete"] == 0 and info["n_failed"]:
         reasons = frame["fail_reason"].dropna()
         raise SearchError(

@@ -7,8 +7,6 @@ import math
 import shlex
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -71,26 +69,6 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # The logger Optuna's optimize loop writes "Trial N failed" to (addFilter is idempotent).
     logging.getLogger("optuna.study._optimize").addFilter(_TRIAL_FAILURE_FILTER)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: the running trial is failed and the files are written."""
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise _Terminated()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (embedded use): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _objectives(spec: str) -> tuple[str, ...]:
@@ -401,31 +379,32 @@ def search(
 
         _quiet_optuna()
         try:
-            with _sigterm_as_interrupt():
-                result = run_search(
-                    checkpoint,
-                    space,
-                    settings,
-                    eval_set,
-                    study_name=study_name,
-                    results_dir=results_dir,
-                    storage=storage,
-                    latency_model=latency_model,
-                    memory_target=memory_target,
-                    run_info=run_info,
-                    on_progress=on_progress,
-                    on_ready=on_ready,
-                    on_warning=on_warning,
-                    named_configs=named,
-                )
-        except KeyboardInterrupt as exc:
+            result = run_search(
+                checkpoint,
+                space,
+                settings,
+                eval_set,
+                study_name=study_name,
+                results_dir=results_dir,
+                storage=storage,
+                latency_model=latency_model,
+                memory_target=memory_target,
+                run_info=run_info,
+                on_progress=on_progress,
+                on_ready=on_ready,
+                on_warning=on_warning,
+                named_configs=named,
+                handle_signals=True,
+            )
+        except KeyboardInterrupt as exc:  # SearchInterrupted, or Ctrl-C before the study ran
             progress.stop()
-            what = "Terminated" if isinstance(exc, _Terminated) else "Interrupted"
+            signum = getattr(exc, "signum", signal.SIGINT)
+            what = "Terminated" if signum == signal.SIGTERM else "Interrupted"
             err.print(
                 f"[yellow]{what}: finished trials are saved in {results_dir} (trials.csv; only "
                 f"the running one is lost). Re-run the same command to resume.[/]"
             )
-            raise typer.Exit(code=143 if isinstance(exc, _Terminated) else 130) from None
+            raise typer.Exit(code=128 + signum) from None
 
     front = result.pareto
     columns = [
