@@ -4,12 +4,17 @@ killed with SIGKILL mid-run whose study is resumed by re-running the same comman
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -28,24 +33,48 @@ TINY = ModelConfig(
 )
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """Install (apt-get, once) and start a local PostgreSQL server; skip if impossible."""
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server of this session: a free port, a fresh directory, both gone at the end.
+
+    `scripts/postgres.sh` installs the server with apt-get where it is missing and we are
+    root (saying so; MNM_PG_INSTALL=0 refuses); elsewhere without a server the tests skip.
+    """
+    script = ROOT / "scripts" / "postgres.sh"
+    # Not under pytest's tmp_path: as root the server runs as `postgres`, which cannot enter
+    # pytest's 0700 directories; the script hands this one to it.
+    directory = Path(tempfile.mkdtemp(prefix="mnm-pg-"))
+    env = {**os.environ, "MNM_PG_PORT": str(_free_port()), "MNM_PG_DIR": str(directory)}
+
+    def stop() -> None:
+        subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(directory, ignore_errors=True)
+
     try:
         proc = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "postgres.sh")],
-            capture_output=True,
-            text=True,
-            timeout=900,
+            ["bash", str(script), "start"], env=env, capture_output=True, text=True, timeout=900
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
+        stop()
         pytest.skip(f"PostgreSQL could not be installed or started here: {exc}")
     if proc.returncode != 0:
+        stop()
         pytest.skip(
             "PostgreSQL could not be installed or started here (scripts/postgres.sh exit "
             f"{proc.returncode}): {proc.stderr.strip()[-400:]}"
         )
-    return proc.stdout.strip().splitlines()[-1]
+    if "apt-get" in proc.stderr:  # installing system packages must not go unnoticed
+        warnings.warn(f"scripts/postgres.sh: {proc.stderr.strip()[-400:]}", stacklevel=1)
+    try:
+        yield proc.stdout.strip().splitlines()[-1]
+    finally:
+        stop()
 
 
 @pytest.fixture(scope="module")
