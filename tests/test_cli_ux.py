@@ -147,12 +147,11 @@ class _Clock:
     ],
 )
 def test_log_progress_prints_every_10_percent_or_30_seconds(
-    monkeypatch: pytest.MonkeyPatch, updates: list[tuple[int, float]], expected: list[str]
+    updates: list[tuple[int, float]], expected: list[str]
 ) -> None:
     clock = _Clock()
-    monkeypatch.setattr(_common.time, "monotonic", clock)
     log = io.StringIO()
-    progress = _common.LogProgress(console=Console(file=log, width=200))
+    progress = _common.LogProgress(console=Console(file=log, width=200), get_time=clock)
     with progress:
         task = progress.add_task("work", total=100, status="")
         for completed, seconds in updates:
@@ -164,6 +163,21 @@ def test_log_progress_prints_every_10_percent_or_30_seconds(
     last = f"{updates[-1][0]}/100 ({updates[-1][0]}%)"
     assert shown == (expected if expected[-1] == last else [*expected, last])
     assert all(line.endswith(", ok") for line in lines)
+
+
+def test_log_progress_time_left_ignores_resumed_work() -> None:
+    clock = _Clock()
+    log = io.StringIO()
+    with _common.LogProgress(console=Console(file=log, width=200), get_time=clock) as progress:
+        task = progress.add_task("training", total=100, status="")
+        clock.now = 60.0  # start-up, then a resumed run reports the 50 steps it already has
+        progress.update(task, completed=50)
+        for step in range(51, 61):  # then one step per second
+            clock.now += 1.0
+            progress.update(task, completed=step)
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "training 50/100 (50%), 0:01:00 elapsed"
+    assert lines[1] == "training 60/100 (60%), 0:01:10 elapsed, ~0:00:40 left"
 
 
 @pytest.mark.parametrize(

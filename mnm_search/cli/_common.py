@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -297,19 +296,25 @@ class LogProgress(Progress):
         console: Console,
         every_share: float = PROGRESS_LOG_SHARE,
         every_seconds: float = PROGRESS_LOG_SECONDS,
+        get_time: Callable[[], float] | None = None,
     ) -> None:
-        super().__init__(console=console, disable=True)  # disabled: no live display at all
+        # disabled: no live display at all, only the lines printed here
+        super().__init__(console=console, disable=True, get_time=get_time)
         self.every_share = every_share
         self.every_seconds = every_seconds
         self._last: dict[TaskID, tuple[float, float]] = {}  # task -> (completed, time) logged
+        # (completed, time) at a task's first update: the rate for "time left" counts only
+        # work done since then, not a resumed run's earlier steps or the start-up time.
+        self._base: dict[TaskID, tuple[float, float]] = {}
 
     def add_task(self, description: str, *args: Any, **kwargs: Any) -> TaskID:
         task_id = super().add_task(description, *args, **kwargs)
-        self._last[task_id] = (self._tasks[task_id].completed, time.monotonic())
+        self._last[task_id] = (self._tasks[task_id].completed, self.get_time())
         return task_id
 
     def update(self, task_id: TaskID, **kwargs: Any) -> None:
         super().update(task_id, **kwargs)
+        self._base.setdefault(task_id, (self._tasks[task_id].completed, self.get_time()))
         self._maybe_log(task_id)
 
     def advance(self, task_id: TaskID, advance: float = 1) -> None:
@@ -327,26 +332,30 @@ class LogProgress(Progress):
         last_completed, last_time = self._last[task_id]
         step = self.every_share * task.total if task.total else None
         due_by_share = step is not None and task.completed >= last_completed + step
-        due_by_time = time.monotonic() - last_time >= self.every_seconds
+        due_by_time = self.get_time() - last_time >= self.every_seconds
         if due_by_share or due_by_time:
             self._log(task)
 
     def _log(self, task: Task) -> None:
-        self._last[task.id] = (task.completed, time.monotonic())
-        self.console.print(progress_line(task), highlight=False, markup=False, soft_wrap=True)
+        now = self.get_time()
+        self._last[task.id] = (task.completed, now)
+        base_completed, base_time = self._base.get(task.id, (task.completed, now))
+        left = None
+        if task.total and base_completed < task.completed < task.total:
+            rate = (task.completed - base_completed) / max(now - base_time, 1e-9)
+            left = (task.total - task.completed) / rate
+        line = progress_line(task, seconds_left=left)
+        self.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
-def progress_line(task: Task) -> str:
-    """`searching 30/100 (30 %), 0:00:45 elapsed, ~0:01:45 left, <status>` for a log."""
+def progress_line(task: Task, *, seconds_left: float | None = None) -> str:
+    """`searching 30/100 (30%), 0:00:45 elapsed, ~0:01:45 left, <status>` for a log."""
     done = f"{task.completed:,.0f}"
     if task.total:
         done += f"/{task.total:,.0f} ({task.completed / task.total:.0%})"
-    parts = [f"{task.description} {done}"]
-    elapsed = task.elapsed or 0.0
-    parts.append(f"{_clock(elapsed)} elapsed")
-    if task.total and 0 < task.completed < task.total:
-        left = elapsed * (task.total - task.completed) / task.completed
-        parts.append(f"~{_clock(left)} left")
+    parts = [f"{task.description} {done}", f"{_clock(task.elapsed or 0.0)} elapsed"]
+    if seconds_left is not None:
+        parts.append(f"~{_clock(seconds_left)} left")
     status = str(task.fields.get("status") or "").strip()
     if status:
         parts.append(status)

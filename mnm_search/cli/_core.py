@@ -330,9 +330,9 @@ def train(
                 progress.console.print(f"step {event['step']}: validation loss {val}")
 
         trainer = Trainer(settings, out_dir, command=command, on_progress=on_progress)
-        progress.update(task, completed=trainer.step)
         if trainer.step:
             progress.console.print(f"resuming {out_dir} at step {trainer.step}")
+        progress.update(task, completed=trainer.step)
         try:
             result = trainer.run()
         except KeyboardInterrupt:
