@@ -16,6 +16,9 @@ subprocesses in its own sandbox, and classifies every attack as CLEAN or DEFECT:
     python bench/adversarial.py --classes journal,creds --json adversarial.json
 
 `PYTHONPATH=OTHER_TREE python bench/adversarial.py` attacks another checkout of the package.
+Classes run interleaved; Ctrl-C (or SIGTERM) stops early and prints the totals so far. Timeouts
+and kill delays scale with the measured start-up time of `mnm`, so a loaded machine does not
+turn slow runs into "hangs".
 Exit code 0 always (a benchmark, not a test), unless the harness itself breaks.
 """
 
@@ -66,6 +69,7 @@ HIDDEN_TMP = re.compile(r"^\..*tmp", re.IGNORECASE)
 NON_FINITE = re.compile(r"(?<![\w.])[-+]?(nan|inf|infinity)(?![\w])", re.IGNORECASE)
 EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning))\b")
 MEMORY_WORDS = ("MemoryError", "bad_alloc", "can't allocate memory", "Cannot allocate memory")
+REFERENCE_STARTUP_S = 5.0  # `mnm info --json` on an idle 2-core machine; timeouts scale from it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +144,7 @@ class Fixtures:
     results: Path  # `mnm search` results (journal storage)
     text: Path  # small evaluation text
     big_text: Path  # 200 MB of text (created on first use)
+    scale: float = 1.0  # timeouts and kill delays x this: the machine is that much slower now
 
 
 def mnm(*args: str) -> list[str]:
@@ -170,9 +175,15 @@ def build_fixtures(root: Path) -> Fixtures:
     target.write_text(TARGET_YAML)
     text = root / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    fx = Fixtures(
-        root, paths[0], paths[1], target, root / "prof.json", root / "res", text, root / "big.txt"
-    )
+    startup = []
+    for _ in range(2):  # the first one may compile the package's bytecode
+        start = time.monotonic()
+        subprocess.run(mnm("info", "ckpt", "--json"), cwd=root, env=child_env(),
+                       capture_output=True, timeout=600, check=False)  # fmt: skip
+        startup.append(time.monotonic() - start)
+    scale = max(1.0, min(startup) / REFERENCE_STARTUP_S)
+    fx = Fixtures(root, paths[0], paths[1], target, root / "prof.json", root / "res", text,
+                  root / "big.txt", round(scale, 2))  # fmt: skip
     for args in (
         ("profile", "ckpt", "--target", "target.yaml", "--quick", "--out", "prof.json"),
         (*SEARCH, "--trials", "6", "--out", "res"),
@@ -201,6 +212,9 @@ def big_text(fx: Fixtures) -> Path:
 
 def _limits(fsize: int | None) -> Callable[[], None]:
     def apply() -> None:
+        # a background shell starts jobs with SIGINT ignored; the CLI must see a real Ctrl-C
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
         os.umask(0o022)
         if fsize is not None:
@@ -210,8 +224,10 @@ def _limits(fsize: int | None) -> Callable[[], None]:
     return apply
 
 
-def run_step(step: Step, cwd: Path, sandbox: Path) -> Run:
+def run_step(step: Step, cwd: Path, sandbox: Path, scale: float) -> Run:
     args = [a.replace("{sandbox}", str(sandbox)) for a in step.args]
+    kill_at = step.kill[1] * scale if step.kill else 0.0
+    deadline = step.timeout * scale + kill_at
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
         proc = subprocess.Popen(
@@ -225,21 +241,27 @@ def run_step(step: Step, cwd: Path, sandbox: Path) -> Run:
             preexec_fn=_limits(step.fsize),
         )
         status, usage, timed_out, signalled = None, None, False, False
-        while status is None:
-            pid, raw, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                status, usage = raw, ru
-                break
-            elapsed = time.monotonic() - start
-            if step.kill is not None and not signalled and elapsed >= step.kill[1]:
-                _signal_group(proc.pid, step.kill[0])
-                signalled = True
-            if elapsed > step.timeout + (step.kill[1] if step.kill else 0.0):
-                timed_out = True
-                _signal_group(proc.pid, signal.SIGKILL)
-                _, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
+        try:
+            while status is None:
+                pid, raw, ru = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    status, usage = raw, ru
+                    break
+                elapsed = time.monotonic() - start
+                if step.kill is not None and not signalled and elapsed >= kill_at:
+                    _signal_group(proc.pid, step.kill[0])
+                    signalled = True
+                if elapsed > deadline:
+                    timed_out = True
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    _, status, usage = os.wait4(proc.pid, 0)
+                    break
+                time.sleep(0.05)
+        except BaseException:  # the harness is interrupted: take the attacked process along
+            _signal_group(proc.pid, signal.SIGKILL)
+            os.wait4(proc.pid, 0)
+            proc.returncode = -9
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap it again
         seconds = time.monotonic() - start
         out.seek(0)
@@ -288,9 +310,7 @@ def strict_json(text: str) -> str | None:
 def judge_step(step: Step, run: Run) -> str | None:
     """The first defect of one step, or None."""
     if run.timed_out:
-        return (
-            "hang after the signal" if run.signalled else f"hang (no exit in {step.timeout:.0f} s)"
-        )
+        return "hang after the signal" if run.signalled else "hang (no exit before the timeout)"
     if any(word in run.stderr for word in MEMORY_WORDS):
         return "memory exhausted (4 GiB address space)"
     killed_by_us = run.signalled and step.kill is not None
@@ -417,7 +437,7 @@ def run_attack(attack: Attack, fx: Fixtures, index: int) -> Outcome:
         attack.setup(work)
         before = {name: digest(work / name) for name in attack.protect}
         for step in attack.steps:
-            run = run_step(step, work, sandbox)
+            run = run_step(step, work, sandbox, fx.scale)
             runs.append(run)
             reason = judge_step(step, run)
             if reason:
@@ -1316,51 +1336,73 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", help="comma-separated class numbers or name parts")
     parser.add_argument("--quick", action="store_true", help="a few attacks per class")
-    parser.add_argument("--json", type=Path, help="write every outcome here")
+    parser.add_argument("--json", type=Path, help="write every outcome here (after each attack)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     options = parser.parse_args()
+    # Ctrl-C or `kill` (also of a background run) stops early and still prints the totals
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     import mnm_search
 
+    package = str(Path(mnm_search.__file__).parent)
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="mnm-adversarial-"))
-    print(f"attacking {Path(mnm_search.__file__).parent} in {root}", flush=True)
+    print(f"attacking {package} in {root}", flush=True)
+    outcomes: list[Outcome] = []
+    interrupted = False
     try:
         fx = build_fixtures(root)
-        table = attacks(fx)
-        if options.classes:
-            wanted = [w.strip() for w in options.classes.split(",") if w.strip()]
-            table = [a for a in table if any(_class_matches(a.cls, w) for w in wanted)]
-        if options.quick:
-            table = [a for a in table if a.quick]
-        outcomes = []
+        print(f"timeouts x{fx.scale:g} (startup vs {REFERENCE_STARTUP_S:g} s idle)", flush=True)
+        table = select(attacks(fx), options.classes, options.quick)
         for index, attack in enumerate(table):
             outcome = run_attack(attack, fx, index)
             outcomes.append(outcome)
             verdict = "clean " if outcome.clean else "DEFECT"
             why = "" if outcome.clean else "  <- " + "; ".join(outcome.reasons)
-            print(
-                f"[{index + 1:3d}/{len(table)}] {verdict} {attack.cls}: {attack.name}"
-                f" ({outcome.seconds:.0f} s){why}",
-                flush=True,
-            )
+            print(f"[{index + 1:3d}/{len(table)}] {verdict} {attack.cls}: {attack.name}"
+                  f" ({outcome.seconds:.0f} s){why}", flush=True)  # fmt: skip
+            if options.json:
+                write_json(options.json, package, outcomes, time.monotonic() - started, fx.scale)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         if not options.keep:
             _make_removable(root)
             shutil.rmtree(root, ignore_errors=True)
     seconds = time.monotonic() - started
     print()
+    if interrupted:
+        print(f"interrupted after {len(outcomes)} attacks")
     print(report(outcomes, seconds))
-    if options.json:
-        summary = {
-            "package": str(Path(mnm_search.__file__).parent),
-            "seconds": round(seconds, 1),
-            "attempts": len(outcomes),
-            "clean": sum(o.clean for o in outcomes),
-            "defects": sum(not o.clean for o in outcomes),
-            "outcomes": [asdict(o) for o in outcomes],
-        }
-        options.json.write_text(json.dumps(summary, indent=2))
+
+
+def select(table: list[Attack], classes: str | None, quick: bool) -> list[Attack]:
+    """The attacks to run, classes interleaved so that a stopped run still samples them all."""
+    if classes:
+        wanted = [w.strip() for w in classes.split(",") if w.strip()]
+        table = [a for a in table if any(_class_matches(a.cls, w) for w in wanted)]
+    if quick:
+        table = [a for a in table if a.quick]
+    by_class: dict[str, list[Attack]] = {}
+    for attack in table:
+        by_class.setdefault(attack.cls, []).append(attack)
+    rounds = max((len(group) for group in by_class.values()), default=0)
+    return [group[i] for i in range(rounds) for group in by_class.values() if i < len(group)]
+
+
+def write_json(path: Path, package: str, outcomes: list[Outcome], seconds: float,
+               scale: float) -> None:  # fmt: skip
+    summary = {
+        "package": package,
+        "seconds": round(seconds, 1),
+        "timeout_scale": scale,
+        "attempts": len(outcomes),
+        "clean": sum(o.clean for o in outcomes),
+        "defects": sum(not o.clean for o in outcomes),
+        "outcomes": [asdict(o) for o in outcomes],
+    }
+    path.write_text(json.dumps(summary, indent=2))
 
 
 def _class_matches(cls: str, wanted: str) -> bool:
