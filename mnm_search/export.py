@@ -262,10 +262,18 @@ def verify_onnx(path: Path, model: MatLM) -> float:
     """Max abs difference between onnxruntime and torch logits on two input shapes."""
     import onnxruntime as ort  # optional dependency, needed only here
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types (Fail, InvalidGraph, ...)
+        raise ExportError(
+            f"onnxruntime cannot load the {ONNX_FILE} just written for {user_path(path.parent)} "
+            f"({type(exc).__name__}: {exc}); the ONNX file was not written"
+        ) from exc
     names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     if names != (["input_ids"], ["logits"]):
-        raise ExportError(f"{path} has inputs/outputs {names}, expected input_ids -> logits")
+        raise ExportError(
+            f"{user_path(path)} has inputs/outputs {names}, expected input_ids -> logits"
+        )
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     # Two shapes: proves the batch and sequence axes are really dynamic.

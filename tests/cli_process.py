@@ -2,8 +2,8 @@
 
 The child is forked from the test process and calls `mnm_search.cli.main()` (what `mnm` and
 `python -m mnm_search` run), so it starts in milliseconds instead of importing torch again
-(10-30 s on a loaded 2-core machine). Signals reach it as they would reach `mnm`: Python's
-SIGINT handler raises KeyboardInterrupt, and `main()` installs the SIGTERM one.
+(10-30 s on a loaded 2-core machine). Signals reach it as they would reach `mnm` in a
+terminal: SIGINT raises KeyboardInterrupt, and `main()` installs the SIGTERM handler.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import re
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -62,6 +63,9 @@ def _run(argv: list[str], cwd: Path, stdout: Path, stderr: Path, env: dict[str, 
     sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
     os.environ.update(env)
     tempfile.tempdir = None  # honour the child's TMPDIR
+    # Ctrl-C as in a terminal: a test run in the background (`pytest &`) inherits SIGINT
+    # ignored, and Python then never installs its handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if "MNM_TEST_FSIZE" in env:
         limit = int(env["MNM_TEST_FSIZE"])
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

@@ -143,6 +143,12 @@ CASES: list[tuple[str, Callable[[], BaseException], int, tuple[str, ...]]] = [
     ("pandas", _pandas_error, 1, ("CSV file is empty or malformed",)),
     ("memory", MemoryError, 1, ("out of memory",)),
     ("library-error", lambda: ConfigError("widths must be positive"), 1, ("widths must be",)),
+    (
+        "library-error-quoting-several-lines",
+        lambda: ConfigError("x.json is corrupt (parser said:\n   bad token on line 2)"),
+        1,
+        ("x.json is corrupt (parser said: bad token on line 2)",),
+    ),
     ("ctrl-c", KeyboardInterrupt, 130, ("Interrupted",)),
     ("sigterm", Terminated, 143, ("Terminated",)),
     (

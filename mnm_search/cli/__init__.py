@@ -94,7 +94,11 @@ def main() -> None:
 
     from mnm_search.errors import Terminated
 
+    terminated = False
+
     def on_sigterm(signum: int, frame: object) -> None:
+        nonlocal terminated
+        terminated = True
         # Once is enough: a second SIGTERM must not interrupt the cleanup the first started.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
@@ -102,6 +106,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         app()
-    except Terminated:  # arrived outside a command (while parsing): nothing to clean up
-        typer.echo("Terminated (SIGTERM).", err=True)
-        raise SystemExit(143) from None
+    except (SystemExit, Terminated) as exc:
+        # Inside a command the error boundary has said so and exits 143; earlier (while
+        # typer builds the command line) typer turns any interruption into a silent 130.
+        if terminated and getattr(exc, "code", None) != 143:
+            typer.echo("Terminated (SIGTERM) before the command started.", err=True)
+            raise SystemExit(143) from None
+        raise

@@ -87,7 +87,8 @@ def print_error(message: str, *, secrets: Iterable[str] = (), warn: bool = False
     """MESSAGE on stderr as one redacted line (`Error: ...`)."""
     from mnm_search.redact import redact
 
-    text = redact(message, secrets)
+    # One line even when a library's text (quoted in the message) spans several.
+    text = " ".join(line.strip() for line in redact(message, secrets).splitlines() if line.strip())
     if warn:
         err.print(f"[yellow]{escape(text)}[/]", highlight=False, soft_wrap=True)
     else:
