@@ -619,3 +619,15 @@ def test_gemma3n_weights_that_cannot_fit_are_refused_before_allocating(tmp_path:
     config = Gemma3nTextConfig(hidden_size=65_536, vocab_size=4_000_000)
     with pytest.raises(CheckpointError, match="but this machine has"):
         _check_fits(config, torch.float32, tmp_path)
+
+
+@pytest.mark.parametrize("spec", ["256*99999999999", "256*" + "9" * 5000, "256*6,0"])
+def test_gemma3n_widths_repetition_is_bounded(spec: str) -> None:
+    pytest.importorskip("transformers")
+    from gemma3n_models import random_model, tiny_config
+
+    from mnm_search.families.gemma3n import Gemma3nFamily
+
+    family = Gemma3nFamily(model=random_model(tiny_config()))
+    with pytest.raises(WidthsError, match="but there are only 6 layers"):
+        family.parse_widths(spec)

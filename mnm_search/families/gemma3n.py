@@ -305,7 +305,8 @@ class Gemma3nFamily:
 
     def parse_widths(self, spec: str | Sequence[int | str]) -> list[int]:
         """`"8192*20,0*5,16384*10"` (or a list) -> one validated width per layer."""
-        items = expand_widths_spec(spec)
+        # Bounded by the layer count: `8192*99999999999` is refused before it is expanded.
+        items = expand_widths_spec(spec, max_entries=self.n_layers)
         if len(items) != self.n_layers:
             raise WidthsError(
                 f"widths {spec!r} give {len(items)} entries, but the checkpoint has "
