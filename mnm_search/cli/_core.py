@@ -207,7 +207,7 @@ def eval_command(
     Gemma 3n checkpoints take integer widths (multiples of the step, 0 drops a layer) and
     are evaluated with their own tokenizer when the directory has one.
 
-    Example: mnm eval --widths S,S,M,L,XL,XL --profile profile-cpu-prefill.json --json
+    Example: mnm eval --widths L,M*3,L*2 --profile profile-cpu-prefill.json --json
     """
     if ckpt is not None and family_of(ckpt) == GEMMA3N:
         from mnm_search.cli import _gemma3n
