@@ -437,8 +437,10 @@ def open_journal(path: Path, *, on_warning: Callable[[str], None] | None = None)
     path = path.absolute()  # relative lock targets defeat Optuna's stale-lock release
     _clear_stale_lock(path, warn)
     lock = JournalFileSymlinkLock(str(path), grace_period=_LOCK_GRACE_S)
-    if path.exists():
-        # Under the lock: a record another worker is appending right now is not torn.
+    if path.exists() and not _is_sound(path.read_bytes()):
+        # Check again under the lock: a record another worker was appending a moment ago is
+        # not torn. (Sound journals, the usual case, never hold the lock for a whole scan:
+        # past Optuna's grace period other workers would break it.)
         lock.acquire()
         try:
             repair = repair_journal(path)
@@ -519,6 +521,13 @@ def repair_journal(path: Path) -> JournalRepair | None:
         dropped_records=dropped_records,
         kept_records=len(kept),
     )
+
+
+def _is_sound(data: bytes) -> bool:
+    """Whether DATA is complete journal records only (newline-terminated JSON objects)."""
+    if not data:
+        return True
+    return data.endswith(b"\n") and all(_is_record(line) for line in data.split(b"\n")[:-1])
 
 
 def _is_record(line: bytes) -> bool:
