@@ -70,6 +70,7 @@ NON_FINITE = re.compile(r"(?<![\w.])[-+]?(nan|inf|infinity)(?![\w])", re.IGNOREC
 EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning))\b")
 MEMORY_WORDS = ("MemoryError", "bad_alloc", "can't allocate memory", "Cannot allocate memory")
 REFERENCE_STARTUP_S = 5.0  # `mnm info --json` on an idle 2-core machine; timeouts scale from it
+MAX_SCALE = 2.5  # a hang is still a hang: at most 2.5x the table's timeouts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def build_fixtures(root: Path) -> Fixtures:
         subprocess.run(mnm("info", "ckpt", "--json"), cwd=root, env=child_env(),
                        capture_output=True, timeout=600, check=False)  # fmt: skip
         startup.append(time.monotonic() - start)
-    scale = max(1.0, min(startup) / REFERENCE_STARTUP_S)
+    scale = min(MAX_SCALE, max(1.0, min(startup) / REFERENCE_STARTUP_S))
     fx = Fixtures(root, paths[0], paths[1], target, root / "prof.json", root / "res", text,
                   root / "big.txt", round(scale, 2))  # fmt: skip
     for args in (
