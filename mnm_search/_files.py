@@ -78,7 +78,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write DATA to PATH via a temporary sibling and a rename: old content or new, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parents(path)
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, "tmp"), dir=path.parent)
     try:
@@ -113,7 +113,7 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Pa
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another path or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parents(out)
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
     try:
@@ -134,6 +134,16 @@ def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Pa
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_parents(path: Path) -> None:
+    """Create PATH's missing parent directories."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        # A file where a directory is needed (`--out notes.txt/x`): EEXIST would read as
+        # "already exists; pass --force", which cannot help.
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path)) from exc
 
 
 def fix_modes(directory: Path) -> None:
@@ -178,7 +188,7 @@ _OS_ERRORS: dict[int, tuple[str, str]] = {
         "fix its permissions or choose another path",
     ),
     errno.ENOENT: ("{file} does not exist", "check the path"),
-    errno.ENOTDIR: ("a part of {file} is not a directory", "check the path"),
+    errno.ENOTDIR: ("a part of {file} is a file, not a directory", "choose another path"),
     errno.EISDIR: ("{file} is a directory where a file was expected", "pass a file"),
     errno.EEXIST: ("{file} already exists", "choose another path or pass --force"),
     errno.ENAMETOOLONG: ("the path {file} is too long", "choose a shorter path"),

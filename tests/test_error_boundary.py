@@ -294,6 +294,13 @@ def test_export_write_failures_name_the_file_and_the_fix(
     assert not out.exists() and temporaries(out) == []
 
 
+def test_out_under_a_file_is_not_reported_as_existing(workdir: Path, tiny_checkpoint: Path) -> None:
+    (workdir / "notes.txt").write_text("mine")
+    args = ["export", str(tiny_checkpoint), "--widths", "S,M,L", "--out", "notes.txt/x"]
+    _assert_one_line(_invoke(args), 1, "a part of notes.txt/x is a file, not a directory")
+    assert (workdir / "notes.txt").read_text() == "mine"
+
+
 def test_file_size_limit_in_a_real_process(workdir: Path, tiny_checkpoint: Path) -> None:
     """`ulimit -f` makes the kernel refuse the weights half-way (EFBIG), as a full disk would."""
     out = workdir / "exports" / "small"
