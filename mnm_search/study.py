@@ -1136,9 +1136,9 @@ def run_search(
         return tuple(float(metrics[c]) for c in settings.columns)
 
     def fail(trial: optuna.Trial, metrics: dict[str, Any], reason: str) -> tuple[float, ...]:
-        # Non-finite values make Optuna fail the trial, with no traceback; the reason stays
-        # with the trial (and in trials.csv) for the user.
-        # Non-finite values are left out: tables have integer columns and JSON has no NaN.
+        # Returning NaN makes Optuna fail the trial without a traceback; the reason stays with
+        # the trial (and in trials.csv). Stored metrics leave non-finite values out: tables
+        # have integer columns, and strict JSON has no NaN.
         finite = {k: v for k, v in metrics.items() if not _non_finite(v)}
         trial.set_user_attr(_METRICS_ATTR, finite)
         trial.set_user_attr(_FAIL_ATTR, reason)
