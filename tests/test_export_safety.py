@@ -163,27 +163,48 @@ def _bytes_under(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-# (case, signal, when: "start" = 0.3 s after starting, "temp" = once the temporary exists;
-#  then extra seconds, exit code expected when the signal lands while exporting)
+# (case, what is exported, signal, when: "start" = 0.3 s after starting, "temp" = once the
+#  temporary exists; then extra seconds, exit code expected when the signal lands in time)
 KILLS = [
-    ("sigkill-at-start", signal.SIGKILL, "start", 0.0, -signal.SIGKILL),
-    ("sigkill-in-temp", signal.SIGKILL, "temp", 0.0, -signal.SIGKILL),
-    ("sigkill-later", signal.SIGKILL, "temp", 0.8, -signal.SIGKILL),
-    ("sigint-in-temp", signal.SIGINT, "temp", 0.0, 130),
-    ("sigint-later", signal.SIGINT, "temp", 0.8, 130),
-    ("sigterm-at-start", signal.SIGTERM, "start", 0.0, 143),
-    ("sigterm-in-temp", signal.SIGTERM, "temp", 0.3, 143),
+    ("sigkill-at-start", "widths", signal.SIGKILL, "start", 0.0, -signal.SIGKILL),
+    ("sigkill-in-temp", "widths", signal.SIGKILL, "temp", 0.0, -signal.SIGKILL),
+    ("sigkill-later", "widths", signal.SIGKILL, "temp", 0.8, -signal.SIGKILL),
+    ("sigint-in-temp", "widths", signal.SIGINT, "temp", 0.0, 130),
+    ("sigint-later", "widths", signal.SIGINT, "temp", 0.8, 130),
+    ("sigterm-at-start", "widths", signal.SIGTERM, "start", 0.0, 143),
+    ("sigterm-in-temp", "widths", signal.SIGTERM, "temp", 0.3, 143),
+    ("sigkill-front", "front", signal.SIGKILL, "temp", 0.5, -signal.SIGKILL),
+    ("sigterm-front", "front", signal.SIGTERM, "temp", 0.5, 143),
+    ("sigkill-over-old", "force", signal.SIGKILL, "temp", 0.3, -signal.SIGKILL),
+    ("sigint-over-old", "force", signal.SIGINT, "temp", 0.3, 130),
 ]
 
 
 @pytest.mark.parametrize(
-    ("sig", "when", "delay", "code"), [k[1:] for k in KILLS], ids=[k[0] for k in KILLS]
+    ("what", "sig", "when", "delay", "code"), [k[1:] for k in KILLS], ids=[k[0] for k in KILLS]
 )
 def test_killed_export_leaves_nothing_partial(
-    workdir: Path, tiny_checkpoint: Path, sig: int, when: str, delay: float, code: int
+    workdir: Path,
+    tiny_checkpoint: Path,
+    what: str,
+    sig: int,
+    when: str,
+    delay: float,
+    code: int,
 ) -> None:
     out = workdir / "exports" / "small"
     args = ["export", str(tiny_checkpoint), "--widths", "S,M,L", "--out", str(out)]
+    expected = NATIVE_FILES
+    old = None
+    if what == "front":
+        write_results(workdir / "res", tiny_checkpoint)
+        args = ["export", "--from", "res", "--all-pareto", "--out", str(out)]
+        expected = {"front.csv", "trial-0000"}
+    elif what == "force":  # an earlier export that a killed --force must leave as it was
+        result = _invoke([*args, "--target", "fast.yaml", "--max-tokens", "64"])
+        assert result.exit_code == 0, result.output
+        old = _tree_digest(out)
+        args.append("--force")
     child = start([*args, "--target", "slow.yaml"], cwd=workdir, tmpdir=workdir / "tmpdir")
     if when == "temp":
         wait_until(lambda: bool(temporaries(out)) or not child.process.is_alive())
@@ -193,15 +214,16 @@ def test_killed_export_leaves_nothing_partial(
     time.sleep(delay)
     os.kill(child.pid, sig)
     assert child.wait() == code, child.errors
-    assert not out.exists()  # killed before the rename: nothing at --out
+    # Killed before the rename: --out is absent, or the earlier export untouched.
+    assert (_tree_digest(out) == old) if old is not None else not out.exists()
     # Library caches may appear in $TMPDIR (torchinductor_root/, empty); weights never.
     assert _bytes_under(workdir / "tmpdir") < 1024
     if sig == signal.SIGKILL:
         # No chance to clean up: the next export to the same --out does.
-        result = _invoke([*args, "--target", "fast.yaml", "--max-tokens", "64"])
+        result = _invoke([*args, "--target", "fast.yaml", "--max-tokens", "64", "--force"])
         assert result.exit_code == 0, result.output
-        _assert_absent_or_complete(out, NATIVE_FILES)
         assert out.exists()
+        _assert_absent_or_complete(out, expected)
     else:
         lines = child.errors.strip().splitlines()
         assert "Traceback" not in child.errors
