@@ -548,6 +548,12 @@ def _salvage(line: bytes) -> bytes | None:
 
 
 def _backup(path: Path) -> Path:
+    """A copy of PATH beside it; an identical earlier copy is reused (a journal that stays
+    corrupt over several attempts keeps one backup, not one per attempt)."""
+    data = path.read_bytes()
+    for earlier in sorted(path.parent.glob(f"{path.name}.bak-*")):
+        if earlier.stat().st_size == len(data) and earlier.read_bytes() == data:
+            return earlier
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     backup = path.with_name(f"{path.name}.bak-{stamp}")
     n = 1

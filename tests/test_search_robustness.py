@@ -175,6 +175,9 @@ def test_corrupt_record_in_the_middle_is_a_clear_error(tmp_path: Path) -> None:
     offset = len(b"\n".join(lines[:2])) + 1
     assert f"head -c {offset} " in message and ".bak-" in message
     assert path.read_bytes() == damaged  # nothing changed without the user's say
+    with pytest.raises(SearchError):  # another attempt keeps the one backup
+        open_storage(None, tmp_path / "r")
+    assert len(list(path.parent.glob(f"{JOURNAL_FILE}.bak-*"))) == 1
 
 
 # -- 3. a stale journal lock does not block the next run ------------------------------------
