@@ -12,7 +12,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mnm_search.checkpoint import Checkpoint, load_checkpoint
+from mnm_search._files import refuse_overlap
+from mnm_search.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_checkpoint
 from mnm_search.cli._common import (
     DEFAULT_EVAL_TOKENS,
     CkptArg,
@@ -32,9 +33,10 @@ from mnm_search.cli._common import (
 from mnm_search.cli._profile import load_profile_for
 from mnm_search.config import format_widths, param_count, parse_widths
 from mnm_search.data import load_eval_set
+from mnm_search.errors import CheckpointError, Terminated
 from mnm_search.evaluator import evaluate_loss
 from mnm_search.families import GEMMA3N
-from mnm_search.train import PRESETS, Trainer, TrainSettings
+from mnm_search.train import PRESETS, STATE_FILE, Trainer, TrainSettings
 
 
 def _count_configs(checkpoint: Checkpoint) -> dict[str, int]:
@@ -252,6 +254,18 @@ def eval_command(
     print_eval_result(result)
 
 
+def refuse_foreign_checkpoint(out_dir: Path) -> None:
+    """... nor a checkpoint that another command wrote (it would be replaced, not resumed)."""
+    if (out_dir / STATE_FILE).is_file():
+        return  # a run of `mnm train`: resumed
+    found = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if (out_dir / name).exists()]
+    if found:
+        raise CheckpointError(
+            f"--out {out_dir} holds a checkpoint that `mnm train` did not write ({found[0]} "
+            f"but no {STATE_FILE}); training there would replace it: choose a new --out"
+        )
+
+
 @user_errors
 def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write/resume.")],
@@ -317,6 +331,9 @@ def train(
         precision=precision,
         data=str(data) if data is not None else None,
     )
+    # Train replaces --out whole at every save: it must not hold the text it reads ...
+    refuse_overlap(out_dir, {"the --data text": data})
+    refuse_foreign_checkpoint(out_dir)
     command = "mnm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else ""
     with progress_bar(transient=False) as progress:
         task = progress.add_task("training", total=steps, status="")
@@ -335,12 +352,15 @@ def train(
         progress.update(task, completed=trainer.step)
         try:
             result = trainer.run()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            what, code = (
+                ("Terminated", 143) if isinstance(exc, Terminated) else ("Interrupted", 130)
+            )
             err.print(
-                f"[yellow]Interrupted; saved step {trainer.step} to {out_dir}. "
+                f"[yellow]{what}; saved step {trainer.step} to {out_dir}. "
                 f"Re-run the same command to resume.[/]"
             )
-            raise typer.Exit(code=130) from None
+            raise typer.Exit(code=code) from None
     val = ", ".join(f"{k} {v:.4f}" for k, v in result.val_losses.items())
     out.print(
         f"Trained {result.step} steps ({result.tokens_per_second:,.0f} tokens/s) -> "

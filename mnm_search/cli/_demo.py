@@ -15,7 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from mnm_search.checkpoint import load_checkpoint
+from mnm_search._files import refuse_overlap
+from mnm_search.checkpoint import default_checkpoint_path, load_checkpoint
 from mnm_search.cli._common import err, loss_label, out, progress_bar, user_errors
 from mnm_search.cli._export import default_measurement_target
 from mnm_search.cli._pareto import Results, front_table, print_front, write_outputs
@@ -49,8 +50,11 @@ FULL = DemoPlan(quick_profile=False, trials=100, eval_tokens=8_192)
 QUICK = DemoPlan(quick_profile=True, trials=30, eval_tokens=4_096)
 
 
-def _prepare(out_dir: Path) -> None:
+def _prepare(out_dir: Path, checkpoint_dir: Path) -> None:
     """Start from an empty directory; replace only a previous demo's output."""
+    # Before anything is removed: a demo.json planted in the package must not make the
+    # embedded checkpoint (or a directory holding it) look like a demo's own output.
+    refuse_overlap(out_dir, {"the embedded checkpoint": checkpoint_dir})
     if out_dir.exists():
         if not (out_dir / MARKER).is_file():
             raise ConfigError(
@@ -86,7 +90,7 @@ def demo(
     started = time.perf_counter()
     checkpoint = load_checkpoint(None)
     config = checkpoint.config
-    _prepare(out_dir)
+    _prepare(out_dir, checkpoint.path or default_checkpoint_path())
 
     target = default_measurement_target(checkpoint)
     kind = "quick profile" if plan.quick_profile else "profile"

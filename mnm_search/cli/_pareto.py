@@ -11,12 +11,12 @@ import pandas as pd
 import typer
 from rich.table import Table
 
-from mnm_search._files import atomic_write_text
+from mnm_search._files import atomic_write_text, refuse_overlap
 from mnm_search.checkpoint import CONFIG_FILE, default_checkpoint_path
 from mnm_search.cli._common import JsonOpt, err, out, print_json, user_errors
 from mnm_search.config import ModelConfig, format_widths, run_length_widths
 from mnm_search.export import finished_trials
-from mnm_search.pareto import PARETO_FILE, pareto_front, read_results
+from mnm_search.pareto import PARETO_FILE, RUN_FILE, TRIALS_FILE, pareto_front, read_results
 from mnm_search.plot import COST_AXES, pareto_figure, save_figure, width_heatmap
 
 LAB_PREFIX = "lab: "  # trial source of MatFormer Lab configurations (set by `mnm search`)
@@ -208,6 +208,27 @@ def write_outputs(
     return csv, plot, heatmap
 
 
+def refuse_overwriting_inputs(results: Results, figure: Path | None, option: str) -> None:
+    """A figure path must not replace the search's own files or the searched checkpoint."""
+    if figure is None:
+        return
+    from mnm_search.study import JOURNAL_FILE
+
+    info = results.run_info
+    inputs: dict[str, str | Path | None] = {
+        f"the results file {name}": results.dir / name
+        for name in (TRIALS_FILE, PARETO_FILE, RUN_FILE, JOURNAL_FILE)
+    }
+    storage = info.get("storage")
+    if isinstance(storage, str) and "://" not in storage:  # a journal file elsewhere
+        inputs["the study journal"] = storage
+    profile = info.get("profile")
+    if isinstance(profile, str):
+        inputs["the search's profile"] = profile
+    inputs["the searched checkpoint"] = info.get("checkpoint") or default_checkpoint_path()
+    refuse_overlap(figure, inputs, option=option)
+
+
 def _target_name(run_info: dict[str, Any]) -> str | None:
     target = run_info.get("target")
     if isinstance(target, dict):
@@ -302,6 +323,8 @@ def pareto(
     Example: mnm pareto results/default --plot front.png
     """
     results = Results(results_dir)
+    refuse_overwriting_inputs(results, plot, "--plot")
+    refuse_overwriting_inputs(results, heatmap, "--heatmap")
     table = front_table(results)
     named = named_table(results)
     csv, plot_path, heatmap_path = write_outputs(results, plot=plot, heatmap=heatmap)

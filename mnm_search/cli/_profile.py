@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,7 +15,8 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from mnm_search.checkpoint import Checkpoint, load_checkpoint
+from mnm_search._files import refuse_overlap
+from mnm_search.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
 from mnm_search.cli._common import (
     CkptArg,
     JsonOpt,
@@ -80,6 +83,26 @@ def _parse_extra_widths(spec: str | None) -> list[int]:
         ) from None
 
 
+def check_writable(path: Path) -> None:
+    """Raise the OSError that writing PATH would raise, before minutes of profiling.
+
+    Creates nothing: the nearest existing ancestor must be a writable directory (a file
+    there, as in `--out notes.txt/p.json`, or a read-only file system would otherwise fail
+    only once the profile is measured).
+    """
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    if os.statvfs(ancestor).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(ancestor))
+
+
 @user_errors
 def profile(
     ckpt: CkptArg = None,
@@ -113,6 +136,11 @@ def profile(
     target = resolve_target(target_path)
     extra = _parse_extra_widths(measure_widths)
     destination = out_path or Path(f"profile-{target.name}.json")
+    refuse_overlap(
+        destination,
+        {"the checkpoint": ckpt or default_checkpoint_path(), "the --target file": target_path},
+    )
+    check_writable(destination)
     gemma = ckpt is not None and family_of(ckpt) == GEMMA3N
     if gemma:
         from mnm_search.cli import _gemma3n

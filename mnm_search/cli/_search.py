@@ -14,7 +14,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mnm_search.checkpoint import Checkpoint, load_checkpoint
+from mnm_search._files import refuse_overlap
+from mnm_search.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
 from mnm_search.cli._common import (
     DEFAULT_EVAL_TOKENS,
     CkptArg,
@@ -32,7 +33,7 @@ from mnm_search.cli._common import (
 from mnm_search.cli._pareto import LAB_PREFIX
 from mnm_search.config import format_widths, parse_widths, run_length_widths
 from mnm_search.data import load_eval_set
-from mnm_search.errors import ConfigError, WidthsError
+from mnm_search.errors import ConfigError, Terminated, WidthsError
 from mnm_search.families import GEMMA3N
 from mnm_search.pareto import parse_widths_column
 from mnm_search.redact import redact, url_secrets
@@ -312,6 +313,9 @@ def search(
     ckpt_name = checkpoint.path.name if checkpoint.path else "checkpoint"
     study_name = study or f"{ckpt_name}-{'-'.join(names)}"
     results_dir = out_dir if out_dir is not None else Path("results") / study_name
+    # Only the checkpoint: `--profile results/x/profile.json` inside --out is how a study
+    # is resumed with the profile it measured.
+    refuse_overlap(results_dir, {"the checkpoint": ckpt or default_checkpoint_path()})
     latency_model = None
     if settings.needs_latency:
         latency_model = _latency_model(
@@ -398,7 +402,8 @@ def search(
             )
         except KeyboardInterrupt as exc:  # SearchInterrupted, or Ctrl-C before the study ran
             progress.stop()
-            signum = getattr(exc, "signum", signal.SIGINT)
+            default = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+            signum = getattr(exc, "signum", default)
             what = "Terminated" if signum == signal.SIGTERM else "Interrupted"
             err.print(
                 f"[yellow]{what}: finished trials are saved in {results_dir} (trials.csv; only "
