@@ -194,7 +194,22 @@ def build_fixtures(root: Path) -> Fixtures:
         )
         if done.returncode != 0:
             raise SystemExit(f"fixture `mnm {' '.join(args)}` failed:\n{done.stderr[-3000:]}")
+    _plain_table_calibration(fx.profile)
     return fx
+
+
+def _plain_table_calibration(profile: Path) -> None:
+    """Make the fixture profile's latency model the plain per-layer table (positive, sane).
+
+    A quick profile of a tiny model on a loaded machine can fit a calibration that predicts
+    negative latencies; a CLI that refuses such a profile would then refuse every attack that
+    uses it for that reason instead of the one under test.
+    """
+    data = json.loads(profile.read_text())
+    model = data.get("latency_model")
+    if isinstance(model, dict) and isinstance(model.get("features"), list):
+        model["coefficients"] = [1.0 if f == "ffn_table_ms" else 0.0 for f in model["features"]]
+        profile.write_text(json.dumps(data, indent=2))
 
 
 def big_text(fx: Fixtures) -> Path:
