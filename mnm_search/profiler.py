@@ -473,6 +473,7 @@ def profile_checkpoint(
                 )
             )
 
+    validation_result = validation_block(latency, validation, passes)
     return _json_safe(
         {
             "format": PROFILE_FORMAT,
@@ -514,7 +515,8 @@ def profile_checkpoint(
             },
             "latency_model": latency.to_dict(),
             "calibration": calibration_block(latency, calibration, calibration_stats),
-            "validation": validation_block(latency, validation, passes),
+            "validation": validation_result,
+            "warnings": latency_model_warnings(validation_result),
             "memory_uniform_bytes": {
                 name: memory_bytes(config, config.uniform_widths(g), target).to_dict()
                 for name, g in zip(config.granularity_names, config.granularities)
@@ -583,6 +585,38 @@ def validation_block(
             for w, m, a, b, p, nv in zip(validation, measured, first, second, predicted, naive)
         ],
     }
+
+
+# A latency model is only as good as the timings it was fitted on. Past these limits its
+# predictions (search fronts, export budgets) are not to be trusted: a profile measured on a
+# busy 2-core machine reached 49 % MAPE, where an idle one gets ~2-3 %.
+MAX_MAPE_PCT = 15.0  # held-out prediction error of the calibrated model
+MAX_NOISE_PCT = 10.0  # the same configurations measured twice
+MIN_SPEARMAN = 0.8  # does the model at least rank configurations like the measurements?
+
+
+def latency_model_warnings(validation: dict[str, Any]) -> list[str]:
+    """Why a profile's held-out validation says not to trust its latency model (or [])."""
+    problems: list[str] = []
+    mape = validation.get("mape_pct")
+    if mape is not None and mape > MAX_MAPE_PCT:
+        problems.append(
+            f"held-out MAPE {mape:.1f} % > {MAX_MAPE_PCT:.0f} %: predicted latencies are off "
+            f"by that much on average"
+        )
+    noise = (validation.get("noise_floor") or {}).get("mape_pct")
+    if noise is not None and noise > MAX_NOISE_PCT:
+        problems.append(
+            f"noise floor {noise:.1f} % > {MAX_NOISE_PCT:.0f} %: the same configurations "
+            f"measured twice differed by that much, so the machine was busy or its clock varied"
+        )
+    spearman = validation.get("spearman")
+    if spearman is not None and spearman < MIN_SPEARMAN:
+        problems.append(
+            f"Spearman {spearman:.2f} < {MIN_SPEARMAN}: the model does not rank configurations "
+            f"by speed the way the measurements do"
+        )
+    return problems
 
 
 def _json_safe(value: Any) -> Any:

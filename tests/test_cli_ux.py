@@ -14,6 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from mnm_search.cli import _common, _core, _profile, app
+from mnm_search.profiler import latency_model_warnings
 
 runner = CliRunner()
 ROOT = typer.main.get_command(app)
@@ -256,7 +257,7 @@ def _validation(mape: float, noise: float, spearman: float) -> dict[str, Any]:
     ],
 )
 def test_latency_model_warnings(validation: dict[str, Any], expected: list[str]) -> None:
-    problems = _profile.latency_model_warnings(validation)
+    problems = latency_model_warnings(validation)
     assert len(problems) == len(expected)
     for problem, start in zip(problems, expected):
         assert problem.startswith(start)
@@ -275,6 +276,7 @@ def test_profile_warns_about_an_unreliable_latency_model(
     def fake_validation(*args: Any, **kwargs: Any) -> dict[str, Any]:
         result = measured(*args, **kwargs)
         result["validation"].update(_validation(49.4, 23.0, 0.3) if bad else _validation(2, 1, 1))
+        result["warnings"] = latency_model_warnings(result["validation"])
         return result
 
     monkeypatch.setattr(_profile, "profile_checkpoint", fake_validation)

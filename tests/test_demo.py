@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from mnm_search.checkpoint import load_checkpoint
 from mnm_search.cli import _demo, app
+from mnm_search.profiler import latency_model_warnings
 from mnm_search.targets import HardwareTarget
 
 LIGHT = HardwareTarget(
@@ -39,6 +40,7 @@ def test_demo_quick_runs_the_whole_pipeline(
         """The real profile with the validation of a busy machine (the demo must warn)."""
         profile = measured(*args, **kwargs)
         profile["validation"].update(mape_pct=49.4, noise_floor={"mape_pct": 23.0})
+        profile["warnings"] = latency_model_warnings(profile["validation"])
         return profile
 
     monkeypatch.setattr(_demo, "profile_with_progress", noisy_profile)

@@ -20,11 +20,7 @@ from mnm_search.checkpoint import default_checkpoint_path, load_checkpoint
 from mnm_search.cli._common import err, loss_label, out, progress_bar, user_errors
 from mnm_search.cli._export import default_measurement_target
 from mnm_search.cli._pareto import Results, front_table, print_front, write_outputs
-from mnm_search.cli._profile import (
-    latency_model_warnings,
-    print_latency_model_warnings,
-    profile_with_progress,
-)
+from mnm_search.cli._profile import print_latency_model_warnings, profile_with_progress
 from mnm_search.data import load_eval_set
 from mnm_search.errors import ConfigError
 from mnm_search.export import export_submodel, pick_under_budget
@@ -97,7 +93,6 @@ def demo(
     _stage(1, f"{kind} of {target.describe()}")
     profile = profile_with_progress(checkpoint, target, quick=plan.quick_profile)
     validation = profile.get("validation") or {}
-    profile["warnings"] = latency_model_warnings(validation)
     profile_path = write_profile(profile, out_dir / "profile.json")
     latency_model = LatencyModel.from_profile(profile)
     if validation.get("mape_pct") is not None:

@@ -158,7 +158,6 @@ def profile(
         checkpoint = load_checkpoint(ckpt)
         err.print(f"Profiling {target.describe()}", highlight=False)
         result = profile_with_progress(checkpoint, target, quick=quick, extra_widths=extra)
-    result["warnings"] = latency_model_warnings(result["validation"])
     write_profile(result, destination)
     print_latency_model_warnings(result["warnings"])  # stderr: --json stays one object
     if as_json:
@@ -278,38 +277,6 @@ def print_validation(result: dict[str, Any]) -> None:
         _pct(noise["max_abs_pct_err"]),
     )
     out.print(quality)
-
-
-# A latency model is only as good as the timings it was fitted on. Past these limits its
-# predictions (search fronts, export budgets) are not to be trusted: a profile measured on a
-# busy 2-core machine reached 49 % MAPE, where an idle one gets ~2-3 %.
-MAX_MAPE_PCT = 15.0  # held-out prediction error of the calibrated model
-MAX_NOISE_PCT = 10.0  # the same configurations measured twice
-MIN_SPEARMAN = 0.8  # does the model at least rank configurations like the measurements?
-
-
-def latency_model_warnings(validation: dict[str, Any]) -> list[str]:
-    """Why a profile's held-out validation says not to trust its latency model (or [])."""
-    problems: list[str] = []
-    mape = validation.get("mape_pct")
-    if mape is not None and mape > MAX_MAPE_PCT:
-        problems.append(
-            f"held-out MAPE {mape:.1f} % > {MAX_MAPE_PCT:.0f} %: predicted latencies are off "
-            f"by that much on average"
-        )
-    noise = (validation.get("noise_floor") or {}).get("mape_pct")
-    if noise is not None and noise > MAX_NOISE_PCT:
-        problems.append(
-            f"noise floor {noise:.1f} % > {MAX_NOISE_PCT:.0f} %: the same configurations "
-            f"measured twice differed by that much, so the machine was busy or its clock varied"
-        )
-    spearman = validation.get("spearman")
-    if spearman is not None and spearman < MIN_SPEARMAN:
-        problems.append(
-            f"Spearman {spearman:.2f} < {MIN_SPEARMAN}: the model does not rank configurations "
-            f"by speed the way the measurements do"
-        )
-    return problems
 
 
 def print_latency_model_warnings(problems: Sequence[str]) -> None:

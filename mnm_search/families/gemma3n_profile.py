@@ -49,6 +49,7 @@ from mnm_search.profiler import (
     _json_safe,
     _Stage,
     calibration_block,
+    latency_model_warnings,
     pinned_threads,
     select_device,
     time_interleaved,
@@ -169,6 +170,7 @@ def profile_gemma3n(
                 )
             )
 
+    validation_result = validation_block(latency, validation, passes)
     return _json_safe(
         {
             "format": PROFILE_FORMAT,
@@ -220,7 +222,8 @@ def profile_gemma3n(
             },
             "latency_model": latency.to_dict(),
             "calibration": calibration_block(latency, calibration, calibration_stats),
-            "validation": validation_block(latency, validation, passes),
+            "validation": validation_result,
+            "warnings": latency_model_warnings(validation_result),
         }
     )
 
