@@ -200,3 +200,40 @@ def test_default_measurement_target_fits_the_model(
     target = cpu_prefill_target(max_len=max_len, dtype=dtype)
     assert (target.name, target.seq_len, target.description) == (name, seq_len, description)
     assert target.dtype == (dtype or "float32") and target.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("ckpt_arg", "recorded", "named"),
+    [
+        ("given", "tiny", "tiny"),
+        ("omitted", "tiny", "tiny"),
+        ("omitted", None, "embedded"),
+    ],
+)
+def test_another_checkpoints_results_name_the_checkpoint_loaded(
+    workdir: Path, tiny_checkpoint: Path, ckpt_arg: str, recorded: str | None, named: str
+) -> None:
+    from mnm_search.checkpoint import default_checkpoint_path
+
+    run_json = workdir / "res" / "run.json"
+    info = json.loads(run_json.read_text())
+    info["fingerprint"] = "7a21" * 4
+    info["checkpoint"] = str(tiny_checkpoint) if recorded else None
+    run_json.write_text(json.dumps(info))
+    ckpt = [str(tiny_checkpoint)] if ckpt_arg == "given" else []
+    result = run(*ckpt, "--from", "res", "--trial", "1", "--out", "out")
+    assert result.exit_code == 1
+    source = tiny_checkpoint if named == "tiny" else default_checkpoint_path()
+    assert f"was searched on checkpoint {'7a21' * 4}, but {source} is " in result.stderr
+    assert "None" not in result.stderr
+    assert not (workdir / "out").exists()
+
+
+def test_export_without_a_terminal_logs_each_member(workdir: Path) -> None:
+    """In a log file a spinner shows nothing until the end: plain lines instead."""
+    result = run("--from", "res", "--all-pareto", "--out", "front")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("exporting (")]
+    for index, trial in enumerate((0, 2, 3, 4)):
+        assert any(line.endswith(f"[{index + 1}/4] trial-{trial:04d}") for line in lines), lines
+    assert any("slicing" in line for line in lines) and any("verifying" in line for line in lines)

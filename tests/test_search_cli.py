@@ -170,3 +170,21 @@ def test_reusing_a_study_name_with_another_checkpoint_changes_nothing(
     skip = _invoke([base[0], str(tiny_checkpoint), *base[1:], "--allow-skip"])
     assert skip.exit_code == 1
     assert "another search space" in " ".join(skip.stderr.split())
+
+
+@pytest.mark.parametrize("bad", [True, False], ids=["unreliable", "reliable"])
+def test_profile_measured_by_search_carries_and_prints_its_warnings(
+    workdir: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, bad: bool
+) -> None:
+    problems = ["held-out MAPE 49.4 % > 15 %: predicted latencies are off"] if bad else []
+    monkeypatch.setattr("mnm_search.profiler.latency_model_warnings", lambda validation: problems)
+    args = ["search", str(tiny_checkpoint), "--target", "tiny.yaml", "--quick-profile"]
+    result = runner.invoke(
+        app, [*args, "--trials", "4", "--out", "res", "--json", *FAST], env={"COLUMNS": "80"}
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((workdir / "res" / "profile.json").read_text())["warnings"] == problems
+    json.loads(result.stdout)  # the box goes to stderr: stdout stays one JSON object
+    stderr = " ".join(result.stderr.split())
+    assert ("Warning: this latency model is unreliable" in stderr) == bad
+    assert ("held-out MAPE 49.4 % > 15 %" in stderr) == bad

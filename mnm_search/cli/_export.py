@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,8 +20,10 @@ from mnm_search.cli._common import (
     DataOpt,
     JsonOpt,
     StepOpt,
+    add_number_column,
     err,
     family_of,
+    loss_label,
     out,
     print_json,
     refuse_step,
@@ -65,8 +70,10 @@ def _checkpoint_for(ckpt: Path | None, results: Results | None) -> Checkpoint:
     checkpoint = load_checkpoint(_source_path(ckpt, results))
     expected = results.run_info.get("fingerprint")
     if expected and expected != checkpoint.fingerprint:
+        # CKPT is None when the search's own checkpoint (or the embedded default) was loaded.
+        source = checkpoint.path or "the embedded default checkpoint"
         raise ExportError(
-            f"{results.dir} was searched on checkpoint {expected}, but {ckpt} is "
+            f"{results.dir} was searched on checkpoint {expected}, but {source} is "
             f"{checkpoint.fingerprint}; its widths and losses do not apply to this checkpoint"
         )
     return checkpoint
@@ -131,17 +138,18 @@ def _members(
     return front_members(results.front, results_dir=results.dir)
 
 
-def _show(reports: list[ExportReport], out_dir: Path) -> None:
+def _show(reports: list[ExportReport], out_dir: Path, data_name: str) -> None:
     worst = max(r.logits_max_abs_diff for r in reports)
-    table = Table(title=f"exported to {out_dir} (verified: max |Δ logits| {worst:.1e})")
+    table = Table(
+        title=f"exported to {out_dir} (verified: max |Δ logits| {worst:.1e})",
+        caption=f"loss: {loss_label(data_name, reports[0].eval_tokens)}",
+    )
     several = len(reports) > 1
-    columns = ["widths", "params", "loss", "pred. ms", "meas. ms", "error", "vs full"]
     if several:
-        table.add_column("trial", justify="right")
-    for column in columns:
-        table.add_column(
-            column, justify="left" if column == "widths" else "right", no_wrap=column == "widths"
-        )
+        add_number_column(table, "trial")
+    table.add_column("widths")  # wraps: a many-layer model's widths would push numbers off
+    for column in ("params", "loss", "pred. ms", "meas. ms", "error", "vs full"):
+        add_number_column(table, column)
     for r in reports:
         cells = [str(r.trial) if r.trial is not None else r.path.name] if several else []
         cells += [
@@ -164,6 +172,26 @@ def _show(reports: list[ExportReport], out_dir: Path) -> None:
             f"measured on {reports[0].target}; vs full: speed-up over the full universal "
             f"model, measured right after each export"
         )
+
+
+@contextmanager
+def export_progress() -> Iterator[Callable[[str], None]]:
+    """An `on_progress` for the exporters' messages (`[3/42] trial-0003`, `slicing ...`).
+
+    On a terminal: a spinner showing the latest. Anywhere else (a log file, CI) a spinner
+    prints nothing until the end, so each message becomes a plain line with the time spent.
+    """
+    if err.is_terminal and not err.is_dumb_terminal:
+        with err.status("exporting") as status:
+            yield lambda message: status.update(message)
+        return
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        elapsed = time.perf_counter() - started
+        err.print(f"exporting ({elapsed:.0f} s): {message}", markup=False, highlight=False)
+
+    yield log
 
 
 @user_errors
@@ -284,8 +312,8 @@ def export(
         "provenance": {"results_dir": str(from_dir)} if from_dir is not None else {},
         "overwrite": force,
     }
-    with err.status("exporting") as status:
-        options["on_progress"] = lambda message: status.update(message)
+    with export_progress() as on_progress:
+        options["on_progress"] = on_progress
         if all_pareto:
             reports = export_front(checkpoint, members, out_dir, **options)
         else:
@@ -294,7 +322,7 @@ def export(
         data_out = [r.to_dict() for r in reports]
         print_json({"out": str(out_dir), "exports": data_out} if all_pareto else data_out[0])
         return
-    _show(reports, out_dir)
+    _show(reports, out_dir, options["data_name"])
 
 
 def _export_gemma3n(

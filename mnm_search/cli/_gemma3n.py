@@ -184,10 +184,11 @@ def export(
     overwrite: bool,
     as_json: bool,
 ) -> None:
+    from mnm_search.cli._export import export_progress
     from mnm_search.families.gemma3n_export import export_gemma3n
 
     eval_set = family.load_eval_set(data, seq_len=family.eval_seq_len, max_tokens=max_tokens)
-    with err.status("exporting") as status:
+    with export_progress() as on_progress:
         reports = export_gemma3n(
             family,
             members,
@@ -198,7 +199,7 @@ def export(
             target=target,
             provenance=provenance,
             overwrite=overwrite,
-            on_progress=lambda message: status.update(message),
+            on_progress=on_progress,
         )
     if as_json:
         print_json({"out": str(out_dir), "exports": reports} if len(reports) > 1 else reports[0])

@@ -13,7 +13,15 @@ from rich.table import Table
 
 from mnm_search._files import atomic_write_text, refuse_overlap
 from mnm_search.checkpoint import CONFIG_FILE, default_checkpoint_path
-from mnm_search.cli._common import JsonOpt, err, out, print_json, user_errors
+from mnm_search.cli._common import (
+    JsonOpt,
+    add_number_column,
+    err,
+    loss_label,
+    out,
+    print_json,
+    user_errors,
+)
 from mnm_search.config import ModelConfig, format_widths, run_length_widths
 from mnm_search.export import finished_trials
 from mnm_search.pareto import PARETO_FILE, RUN_FILE, TRIALS_FILE, pareto_front, read_results
@@ -242,22 +250,25 @@ def print_front(results: Results, table: pd.DataFrame) -> None:
         f"Pareto front of {results.dir}: {len(table)} of {len(results.finished)} finished "
         f"trials (objectives {', '.join(results.objectives)})"
     )
+    info = results.run_info
+    notes = [f"loss: {loss_label(info.get('data'), info.get('eval_tokens'))}"]
     view = Table(title=title)
-    view.add_column("trial", justify="right")
-    view.add_column("widths", no_wrap=True)
-    view.add_column("loss", justify="right")
-    view.add_column("ppl", justify="right")
+    add_number_column(view, "trial")
+    view.add_column("widths")  # wraps: a many-layer model's widths would push numbers off
+    for column in ("loss", "ppl"):
+        add_number_column(view, column)
     if "latency_ms" in table.columns:
-        view.add_column("ms", justify="right")
-    view.add_column("params", justify="right", no_wrap=True)
+        add_number_column(view, "ms")
+    add_number_column(view, "params")
     if "memory_bytes" in table.columns:
-        view.add_column("memory MiB", justify="right")
+        add_number_column(view, "memory MiB")
     if "nearest_uniform" in table.columns:
-        view.add_column("vs uniform", justify="right", no_wrap=True)
-        view.caption = (
+        add_number_column(view, "vs uniform")
+        notes.append(
             f"vs uniform: loss minus that of the best uniform model costing no more "
             f"(negative = better), and how much more this one costs in {unit}"
         )
+    view.caption = "\n".join(notes)
     for _, row in table.iterrows():
         cells = [str(row["trial"]), row["widths_compact"], f"{row['loss']:.4f}"]
         cells.append(f"{row['perplexity']:.3f}")
@@ -266,8 +277,8 @@ def print_front(results: Results, table: pd.DataFrame) -> None:
         cells.append(f"{row['params'] / 1e6:.2f}M")
         if "memory_bytes" in table.columns:
             cells.append(f"{row['memory_bytes'] / 2**20:.1f}")
-        if "nearest_uniform" in table.columns and row["nearest_uniform"] is None:
-            cells.append("-")
+        if "nearest_uniform" in table.columns and pd.isna(row["nearest_uniform"]):
+            cells.append("-")  # no uniform model is this cheap
         elif "nearest_uniform" in table.columns:
             delta = row["loss_vs_uniform"]
             colour = "green" if delta < -5e-4 else ("red" if delta > 5e-4 else "white")
@@ -281,8 +292,9 @@ def print_front(results: Results, table: pd.DataFrame) -> None:
 
 def print_named(results: Results, named: pd.DataFrame) -> None:
     view = Table(title="Named configurations (MatFormer Lab) under this profile")
-    for column in ("name", "trial", "loss", results.cost, "on front", "best front ≤ cost"):
-        view.add_column(column, justify="left" if column == "name" else "right")
+    view.add_column("name")
+    for column in ("trial", "loss", results.cost, "on front", "best front ≤ cost"):
+        add_number_column(view, column)
     for _, row in named.iterrows():
         best = "-"
         if not pd.isna(row.get("best_front_trial")):

@@ -22,8 +22,10 @@ from mnm_search.cli._common import (
     DataOpt,
     JsonOpt,
     StepOpt,
+    add_number_column,
     err,
     family_of,
+    loss_label,
     out,
     print_json,
     progress_bar,
@@ -94,7 +96,11 @@ def _latency_model(
     """The latency model from --profile, or from profiling --target (kept for resuming).
 
     `checkpoint` is a native `Checkpoint` or a loaded Gemma 3n family."""
-    from mnm_search.cli._profile import load_profile_for, resolve_target
+    from mnm_search.cli._profile import (
+        load_profile_for,
+        print_latency_model_warnings,
+        resolve_target,
+    )
 
     if profile is not None:
         return load_profile_for(checkpoint, profile)
@@ -127,6 +133,7 @@ def _latency_model(
         data = _gemma3n.profile_loaded(checkpoint, hardware, quick=quick_profile)
     results_dir.mkdir(parents=True, exist_ok=True)
     write_profile(data, saved)
+    print_latency_model_warnings(data["warnings"])
     return load_profile_for(checkpoint, saved)
 
 
@@ -437,9 +444,16 @@ def search(
             }
         )
         return
-    table = Table(title=f"Pareto front of study {study_name} ({', '.join(settings.objectives)})")
-    for column in ("trial", "widths", *columns, "source"):
-        table.add_column(column, justify="right")
+    info = result.run_info
+    table = Table(
+        title=f"Pareto front of study {study_name} ({', '.join(settings.objectives)})",
+        caption=f"loss: {loss_label(info.get('data'), info.get('eval_tokens'))}",
+    )
+    add_number_column(table, "trial")
+    table.add_column("widths")
+    for column in columns:
+        add_number_column(table, column)
+    table.add_column("source")
     for _, row in front.iterrows():
         widths = parse_widths_column(row["widths"])
         cells = [str(row["trial"]), show_widths(widths)]
