@@ -73,3 +73,21 @@ def test_tables_fit_80_columns_and_label_the_loss(
     if args[0] == "pareto":
         assert "│ 306.71 │" in table  # the slowest member's latency, whole
         assert " - │" in table  # no uniform model is as cheap as the fastest members
+
+
+def test_gemma3n_export_table_fits_80_columns_and_labels_the_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("transformers")
+    from gemma3n_models import save_tiny_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text(TEXT)
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(TARGET))
+    ckpt = save_tiny_checkpoint(tmp_path / "gemma3n-tiny")
+    args = ["export", str(ckpt), "--widths", "128*6", "--out", "out", "--target", "t.yaml"]
+    args += ["--data", "text.txt", "--max-tokens", "64"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout, result.stdout
+    assert "loss: nats/token, text.txt, " in " ".join(result.stdout.split()), result.stdout

@@ -14,7 +14,14 @@ from typing import Any
 
 from rich.table import Table
 
-from mnm_search.cli._common import err, out, print_eval_result, print_json
+from mnm_search.cli._common import (
+    add_number_column,
+    err,
+    loss_label,
+    out,
+    print_eval_result,
+    print_json,
+)
 from mnm_search.cli._profile import (
     load_profile_for,
     print_profile_header,
@@ -205,12 +212,17 @@ def export(
         print_json({"out": str(out_dir), "exports": reports} if len(reports) > 1 else reports[0])
         return
     worst = max(r["verification"]["max_abs_logit_diff"] for r in reports)
+    quality = reports[0].get("quality") or {}
     table = Table(
-        title=f"exported to {out_dir} (reloaded with transformers; max |Δ logits| {worst:.1e})"
+        title=f"exported to {out_dir} (reloaded with transformers; max |Δ logits| {worst:.1e})",
+        caption=f"loss: {loss_label(quality.get('data'), quality.get('eval_tokens'))}"
+        if quality
+        else None,
     )
-    columns = ("trial", "widths", "params", "effective", "loss", "pred. ms", "meas. ms", "vs full")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "widths" else "right")
+    add_number_column(table, "trial")
+    table.add_column("widths")
+    for column in ("params", "effective", "loss", "pred. ms", "meas. ms", "vs full"):
+        add_number_column(table, column)
     for report in reports:
         quality = report.get("quality") or {}
         latency = report.get("latency") or {}
