@@ -255,7 +255,9 @@ def eval_command(
 
 
 def refuse_foreign_checkpoint(out_dir: Path) -> None:
-    """... nor a checkpoint that another command wrote (it would be replaced, not resumed)."""
+    """Refuse an --out holding a checkpoint that `mnm train` did not write (an export, the
+    universal model to search): train replaces --out whole at every save, so that checkpoint
+    would be lost, not resumed."""
     if (out_dir / STATE_FILE).is_file():
         return  # a run of `mnm train`: resumed
     found = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if (out_dir / name).exists()]
@@ -331,7 +333,7 @@ def train(
         precision=precision,
         data=str(data) if data is not None else None,
     )
-    # Train replaces --out whole at every save: it must not hold the text it reads ...
+    # Train replaces --out whole at every save: it must not hold the text it reads.
     refuse_overlap(out_dir, {"the --data text": data})
     refuse_foreign_checkpoint(out_dir)
     command = "mnm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else ""
