@@ -9,6 +9,8 @@ end-to-end latencies of physically sliced models:
 The table alone ("naive": fixed costs + table) misses what isolation hides: weights that stay
 in cache when one FFN runs alone but stream from memory in a whole model, and the glue
 between ops. The second term scales the table; the third charges per weight streamed.
+All three features are >= 0 for any widths, so the fit keeps c0, c1, c2 >= 0 (non-negative
+least squares) and no configuration can be predicted to take negative time.
 Widths between the measured ones are interpolated linearly (the JSON says which were measured).
 """
 
@@ -157,10 +159,16 @@ class LatencyModel:
         ]
 
     def fit(self, samples: Sequence[tuple[Sequence[int], float]]) -> LatencyModel:
-        """Least-squares calibration on (widths, measured ms) pairs; sets and returns self.
+        """Non-negative least-squares calibration on (widths, measured ms) pairs; sets and
+        returns self.
 
         Rows are weighted by 1/measured so the fit minimises relative error, which is what
-        MAPE and the ±10 % share report.
+        MAPE and the ±10 % share report. Every feature (the constant, the table sum, the width
+        sum) is >= 0, so coefficients >= 0 make every prediction >= 0. A free least-squares fit
+        on noisy timings can trade a negative term for a larger other one and then predict a
+        negative time for some configurations, uniform ones included (a busy CI machine once
+        got -54.87 ms). Each coefficient is a cost (fixed time, table scale, per-weight time)
+        that cannot be negative; where the free optimum is already >= 0 both fits agree.
         """
         if len(samples) < len(FEATURES) + 1:
             raise ProfileError(
@@ -169,7 +177,16 @@ class LatencyModel:
             )
         x = np.array([self.features(widths) for widths, _ in samples])
         y = np.array([ms for _, ms in samples], dtype=float)
-        coef, *_ = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)
+        bad = [i for i, ms in enumerate(y) if not (math.isfinite(ms) and ms > 0)]
+        if bad:
+            raise ProfileError(
+                f"calibration sample {bad[0]} measured {y[bad[0]]!r} ms; a latency must be a "
+                f"finite time > 0 ms"
+            )
+        # scipy.optimize takes seconds to import; only profiling fits, loading a profile doesn't.
+        from scipy.optimize import nnls
+
+        coef, _ = nnls(x / y[:, None], np.ones_like(y))
         self.coefficients = [float(c) for c in coef]
         return self
 
@@ -224,10 +241,10 @@ class LatencyModel:
                 f"latency profile: checkpoint.n_layers is {n_layers!r:.40}, but ffn_ms holds "
                 f"{latency.n_layers} rows (one per layer); {RERUN}"
             )
-        # The uniform models anchor the calibration (`mnm profile` fits on them), so a real
-        # fit predicts a positive time there; a file that does not was damaged or hand-made.
-        # (Far from its samples a noisy fit may still dip below 0: that is the profiler's
-        # accuracy, reported in its validation block, not a malformed file.)
+        # `fit` keeps every coefficient >= 0, so a profile it wrote predicts a positive time
+        # for every uniform model. A file that does not was damaged or hand-made. (Profiles
+        # from mnm versions that fitted without bounds may hold a negative coefficient; they
+        # still load while the uniform models, which that fit was anchored on, stay positive.)
         for width in latency.measured_widths:
             predicted = latency.predict_ms([width] * latency.n_layers)
             if not predicted > 0:
