@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from mnm_search._files import atomic_directory
+from mnm_search._files import atomic_directory, describe_safetensors_error, json_text
 from mnm_search.config import ModelConfig, check_fits_in_memory
 from mnm_search.errors import CheckpointError, ConfigError
 from mnm_search.model import MatLM
@@ -74,7 +74,11 @@ def write_checkpoint_files(
     metadata: dict[str, Any] | None = None,
     storage_dtype: str = "float32",
 ) -> None:
-    """Write `config.json` and `model.safetensors` into an existing directory."""
+    """Write `config.json` and `model.safetensors` into an existing directory.
+
+    Callers write into `atomic_directory`'s temporary directory, so a failed write leaves the
+    destination as it was ("nothing was written"); errors name the destination's file.
+    """
     if storage_dtype not in _DTYPES:
         raise ConfigError(
             f"storage_dtype must be one of {', '.join(_DTYPES)}, got {storage_dtype!r}"
@@ -83,10 +87,16 @@ def write_checkpoint_files(
         name: tensor.detach().to("cpu", _DTYPES[storage_dtype]).contiguous()
         for name, tensor in model.state_dict().items()
     }
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+    weights_path = directory / WEIGHTS_FILE
+    try:
+        save_file(tensors, str(weights_path), metadata={"format": FORMAT})
+    except SafetensorError as exc:  # how safetensors reports I/O errors such as disk full
+        message = describe_safetensors_error(exc, weights_path)
+        raise CheckpointError(f"{message}; nothing was written") from exc
     config = {"format": FORMAT, **model.config.to_dict(), "storage_dtype": storage_dtype}
     config.update(metadata or {})
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    # Strict JSON: a NaN in the metadata (a diverged loss) becomes null, which every parser reads.
+    (directory / CONFIG_FILE).write_text(json_text(config) + "\n", encoding="utf-8")
 
 
 def save_checkpoint(

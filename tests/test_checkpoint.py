@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -147,3 +148,68 @@ def test_not_a_checkpoint_directory(tmp_path: Path, path_kind: str, message: str
         path.write_text("hi")
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(path)
+
+
+def test_config_json_is_strict_json(tiny_model: MatLM, tmp_path: Path) -> None:
+    metadata = {"training": {"val_loss": float("nan"), "best": float("inf"), "step": 3}}
+    path = save_checkpoint(tiny_model, tmp_path / "ckpt", metadata=metadata)
+    text = (path / "config.json").read_text()
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"config.json holds {constant}, which strict parsers reject")
+
+    config = json.loads(text, parse_constant=refuse)
+    assert config["training"] == {"val_loss": None, "best": None, "step": 3}
+    assert load_checkpoint(path).metadata["training"]["step"] == 3
+
+
+SAFETENSORS_FAILURES = [
+    (
+        "Error while serializing: I/O error: No space left on device (os error 28)",
+        "disk full while writing {weights}: free space or choose another --out; "
+        "nothing was written",
+    ),
+    (
+        "Error while serializing: I/O error: Permission denied (os error 13)",
+        "permission denied for {weights}: fix its permissions or choose another path",
+    ),
+    ("Error while serializing: odd header", "{weights}: Error while serializing: odd header"),
+]
+
+
+def _failing_save_file(text: str):
+    def fail(*args: object, **kwargs: object) -> None:
+        raise SafetensorError(text)
+
+    return fail
+
+
+@pytest.mark.parametrize(("raised", "expected"), SAFETENSORS_FAILURES)
+def test_safetensors_write_errors_name_the_file(
+    tiny_model: MatLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: str, expected: str
+) -> None:
+    monkeypatch.setattr("mnm_search.checkpoint.save_file", _failing_save_file(raised))
+    out = tmp_path / "ckpt"
+    with pytest.raises(CheckpointError) as caught:
+        save_checkpoint(tiny_model, out)
+    # The destination's file, not the hidden temporary directory it was written in.
+    assert expected.format(weights=out / "model.safetensors") in str(caught.value)
+    assert ".tmp-" not in str(caught.value)
+    assert isinstance(caught.value.__cause__, SafetensorError)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_train_reports_a_safetensors_write_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f_{i}(x):\n    return x * {i}\n" for i in range(200)))
+    raised, expected = SAFETENSORS_FAILURES[0]
+    monkeypatch.setattr("mnm_search.checkpoint.save_file", _failing_save_file(raised))
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--preset", "tiny", "--data", str(corpus), "--steps", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert expected.format(weights=out / "model.safetensors") in output
+    assert "Traceback" not in result.output
