@@ -229,11 +229,20 @@ def test_another_checkpoints_results_name_the_checkpoint_loaded(
     assert not (workdir / "out").exists()
 
 
-def test_export_without_a_terminal_logs_each_member(workdir: Path) -> None:
-    """In a log file a spinner shows nothing until the end: plain lines instead."""
+@pytest.mark.parametrize("slow", [False, True], ids=["quick", "slow"])
+def test_export_without_a_terminal_logs_progress_lines(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, slow: bool
+) -> None:
+    """In a log file a spinner shows nothing until the end: a line per member of a front,
+    and the current step when 30 s (here 0) passed without one."""
+    if slow:
+        monkeypatch.setattr("mnm_search.cli._export.PROGRESS_LOG_SECONDS", 0.0)
     result = run("--from", "res", "--all-pareto", "--out", "front")
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("exporting (")]
-    for index, trial in enumerate((0, 2, 3, 4)):
-        assert any(line.endswith(f"[{index + 1}/4] trial-{trial:04d}") for line in lines), lines
-    assert any("slicing" in line for line in lines) and any("verifying" in line for line in lines)
+    members = [f"[{i + 1}/4] trial-{t:04d}" for i, t in enumerate((0, 2, 3, 4))]
+    assert [line.split(": ", 1)[1] for line in lines if ": [" in line] == members
+    assert any(": slicing S S S" in line for line in lines) == slow, lines
+    single = run("--from", "res", "--trial", "1", "--out", "one")
+    assert single.exit_code == 0, single.output
+    assert ("exporting (" in single.stderr) == slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from mnm_search._files import refuse_overlap
 from mnm_search.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
 from mnm_search.cli._common import (
     DEFAULT_EVAL_TOKENS,
+    PROGRESS_LOG_SECONDS,
     CkptArg,
     DataOpt,
     JsonOpt,
@@ -174,22 +176,34 @@ def _show(reports: list[ExportReport], out_dir: Path, data_name: str) -> None:
         )
 
 
+# The exporters announce each member of a front as `[3/42] trial-0003`.
+_MEMBER_MESSAGE = re.compile(r"\[\d+/\d+\] ")
+
+
 @contextmanager
 def export_progress() -> Iterator[Callable[[str], None]]:
     """An `on_progress` for the exporters' messages (`[3/42] trial-0003`, `slicing ...`).
 
     On a terminal: a spinner showing the latest. Anywhere else (a log file, CI) a spinner
-    prints nothing until the end, so each message becomes a plain line with the time spent.
+    prints nothing until the end, so plain lines instead, as `progress_bar` does: one per
+    member of a front, and the current step once 30 s passed without a line (a Gemma 3n
+    export takes minutes). A quick export prints none: a failure stays one line.
     """
     if err.is_terminal and not err.is_dumb_terminal:
         with err.status("exporting") as status:
             yield lambda message: status.update(message)
         return
     started = time.perf_counter()
+    last_line = started
 
     def log(message: str) -> None:
-        elapsed = time.perf_counter() - started
-        err.print(f"exporting ({elapsed:.0f} s): {message}", markup=False, highlight=False)
+        nonlocal last_line
+        now = time.perf_counter()
+        if _MEMBER_MESSAGE.match(message) or now - last_line >= PROGRESS_LOG_SECONDS:
+            last_line = now
+            err.print(
+                f"exporting ({now - started:.0f} s): {message}", markup=False, highlight=False
+            )
 
     yield log
 
