@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from mnm_search.checkpoint import save_checkpoint
 from mnm_search.cli import _profile, app
 from mnm_search.model import MatLM
+from mnm_search.profiler import latency_model_warnings
 
 runner = CliRunner()
 
@@ -76,6 +77,9 @@ def test_profile_json_output(tmp_path: Path, tiny_checkpoint: Path, target_file:
     data = json.loads(result.stdout)
     assert data["profile"] == str(out)
     assert {"mape_pct", "spearman", "within_10pct", "noise_floor"} <= set(data["validation"])
+    # the library writes the warnings (search --target and demo profiles carry them too)
+    stored = json.loads(out.read_text())
+    assert stored["warnings"] == latency_model_warnings(stored["validation"]) == data["warnings"]
 
 
 def test_profile_default_output_name(
