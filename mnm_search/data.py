@@ -7,7 +7,8 @@ default checkpoint ships inside the package (`bundled/validation.txt`) so that e
 identical on every machine and Python version.
 
 User data (`--data`) is read in bounded pieces: evaluation reads only the bytes its windows
-need, training at most `MAX_TRAIN_BYTES`. Text must be UTF-8: a NUL byte marks a binary file
+need (with another tokenizer, `read_tokens` reads a prefix that holds enough tokens), training
+at most `MAX_TRAIN_BYTES`. Text must be UTF-8: a NUL byte marks a binary file
 (an error); other invalid UTF-8 bytes become U+FFFD, as `errors="replace"` decodes them.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import sysconfig
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,6 +34,11 @@ MAX_TRAIN_BYTES = 512 * 1024 * 1024
 MAX_EVAL_BYTES = 16 * 1024 * 1024
 # Bytes read beyond what is needed, so that a UTF-8 character cut by the limit lies past it.
 _UTF8_MARGIN = 4
+# For tokenizers (`read_tokens`): text read per token wanted at first (see there), and tokens
+# read past those wanted. A read ends mid-word, which can change the last few tokens (a long
+# token cut in two, a character cut into U+FFFD); they fall in this margin, never in a window.
+_BYTES_PER_TOKEN_GUESS = 8
+_TOKEN_MARGIN = 64
 _VALIDATION_SHARE = 20  # one document in this many goes to validation
 _SKIP_DIRS = {
     "site-packages",
@@ -94,13 +100,8 @@ def bundled_validation_text() -> str:
     return resources.files("mnm_search").joinpath("bundled/validation.txt").read_text("utf-8")
 
 
-def read_text_data(path: str | Path, *, max_bytes: int = MAX_TRAIN_BYTES) -> str:
-    """Text of a file, or of every `*.txt`/`*.md`/`*.py` file under a directory, sorted.
-
-    Reads at most `max_bytes` bytes (files of a directory joined by newlines, in order); the
-    rest is never read. Refuses binary data (NUL bytes); invalid UTF-8 becomes U+FFFD.
-    """
-    path = Path(path)
+def _data_files(path: Path) -> list[Path]:
+    """The file, or every `*.txt`/`*.md`/`*.py` file under the directory, sorted."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
         if not files:
@@ -108,10 +109,20 @@ def read_text_data(path: str | Path, *, max_bytes: int = MAX_TRAIN_BYTES) -> str
                 f"no {', '.join(DATA_SUFFIXES)} files under {path}; pass a text file or a "
                 f"directory of them"
             )
-    elif path.is_file():
-        files = [path]
-    else:
-        raise DataError(f"data path {path} does not exist")
+        return files
+    if path.is_file():
+        return [path]
+    raise DataError(f"data path {path} does not exist")
+
+
+def read_text_data(path: str | Path, *, max_bytes: int = MAX_TRAIN_BYTES) -> str:
+    """Text of a file, or of every `*.txt`/`*.md`/`*.py` file under a directory, sorted.
+
+    Reads at most `max_bytes` bytes (files of a directory joined by newlines, in order); the
+    rest is never read. Refuses binary data (NUL bytes); invalid UTF-8 becomes U+FFFD.
+    """
+    path = Path(path)
+    files = _data_files(path)
     parts: list[str] = []
     remaining = max_bytes
     for file in files:
@@ -134,6 +145,48 @@ def read_text_data(path: str | Path, *, max_bytes: int = MAX_TRAIN_BYTES) -> str
     if not text.strip():
         raise DataError(f"data path {path} holds no text")
     return text
+
+
+def _data_bytes(path: Path) -> int:
+    """How many bytes `read_text_data` reads from PATH without a limit (newlines included)."""
+    try:
+        return sum(file.stat().st_size + 1 for file in _data_files(path))
+    except OSError as exc:
+        raise DataError(f"cannot read data {path}: {exc}") from exc
+
+
+def read_tokens(
+    path: str | Path,
+    encode: Callable[[str], torch.Tensor],
+    *,
+    n_tokens: int | None,
+    max_bytes: int = MAX_EVAL_BYTES,
+) -> torch.Tensor:
+    """Tokens (by ENCODE, any tokenizer) of the text at PATH, reading only a prefix of it.
+
+    Reads until the tokens number at least `n_tokens` plus a margin, the text ends, or
+    `max_bytes` were read (without `n_tokens`: up to `max_bytes`), so a large file is
+    neither read whole nor tokenized whole.
+    """
+    path = Path(path)
+    limit = min(max_bytes, _data_bytes(path))
+    if n_tokens is None:
+        return encode(read_text_data(path, max_bytes=limit))
+    # How many bytes a token covers is up to the tokenizer: about 4 for subword vocabularies
+    # on prose, up to dozens for their longest tokens (runs of spaces in code), 1 for bytes.
+    # Start at twice the usual and double while short: at most ~2x the bytes needed are
+    # tokenized, whatever the tokenizer.
+    budget = min(limit, (n_tokens + _TOKEN_MARGIN) * _BYTES_PER_TOKEN_GUESS)
+    while True:
+        tokens = encode(read_text_data(path, max_bytes=budget))
+        if tokens.numel() >= n_tokens + _TOKEN_MARGIN or budget >= limit:
+            return tokens
+        budget = min(limit, 2 * budget)
+
+
+def window_tokens(*, seq_len: int, max_tokens: int) -> int:
+    """Tokens that `make_eval_set` keeps for a budget of `max_tokens`: whole windows."""
+    return max(1, max_tokens // seq_len) * (seq_len + 1)
 
 
 @dataclass(frozen=True)
@@ -173,7 +226,7 @@ def load_eval_set(
         # Byte-level tokens: the windows need exactly this many bytes, so read only those.
         needed = MAX_EVAL_BYTES
         if max_tokens is not None:
-            needed = min(needed, max(1, max_tokens // seq_len) * (seq_len + 1))
+            needed = min(needed, window_tokens(seq_len=seq_len, max_tokens=max_tokens))
         text = read_text_data(data, max_bytes=needed + _UTF8_MARGIN)
     return make_eval_set(encode(text), seq_len=seq_len, max_tokens=max_tokens)
 

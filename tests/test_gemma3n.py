@@ -605,3 +605,132 @@ def test_checkpoint_tokenizer_is_used(tmp_path: Path, checkpoint: Path) -> None:
     family = Gemma3nFamily.load(checkpoint)
     assert family.tokenizer is not None
     assert family.encode("hello world hello").tolist() == [7, 9, 7]
+
+
+def _save_long_word_tokenizer(checkpoint: Path) -> None:
+    """A tokenizer whose every token covers 40 bytes of text (5x the first read's guess)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "a" * 40: 7, "b" * 40: 9}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(
+        str(checkpoint)
+    )
+
+
+def _spy_encode(family: Gemma3nFamily, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the length of every text `family` tokenizes."""
+    lengths: list[int] = []
+    encode = family.encode
+
+    def spy(text: str) -> torch.Tensor:
+        lengths.append(len(text))
+        return encode(text)
+
+    monkeypatch.setattr(family, "encode", spy)
+    return lengths
+
+
+def test_eval_reads_and_tokenizes_only_what_max_tokens_needs(
+    tmp_path: Path, family: Gemma3nFamily, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = "".join(
+        f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(60_000)
+    )
+    path = tmp_path / "big.txt"  # ~3.5 MB
+    path.write_text(text)
+    lengths = _spy_encode(family, monkeypatch)
+    eval_set = family.load_eval_set(path, seq_len=16, max_tokens=64)
+    assert eval_set.inputs.shape == (4, 16)
+    assert lengths and max(lengths) <= 2_000  # 68 tokens needed; never the whole file
+    whole = torch.tensor(list(text.encode()))[: 4 * 17].view(4, 17)
+    assert torch.equal(eval_set.inputs, whole[:, :-1]) and torch.equal(
+        eval_set.targets, whole[:, 1:]
+    )
+
+
+def test_eval_reads_more_while_long_tokens_fall_short(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _save_long_word_tokenizer(checkpoint)
+    family = Gemma3nFamily.load(checkpoint)
+    words = ["a" * 40 if i % 3 else "b" * 40 for i in range(5_000)]
+    data = tmp_path / "data"
+    data.mkdir()  # a directory of files, read in order
+    (data / "1.txt").write_text(" ".join(words[:2_000]))
+    (data / "2.txt").write_text(" ".join(words[2_000:]))
+    expected = family.encode(" ".join(words[:2_000]) + "\n" + " ".join(words[2_000:]))
+    lengths = _spy_encode(family, monkeypatch)
+    eval_set = family.load_eval_set(data, seq_len=16, max_tokens=64)
+    assert len(lengths) > 1  # the first read held too few tokens, so it read more
+    assert max(lengths) < 41 * 400  # but not everything (5,000 words)
+    windows = expected[: 4 * 17].view(4, 17)
+    assert torch.equal(eval_set.inputs, windows[:, :-1])
+    assert torch.equal(eval_set.targets, windows[:, 1:])
+
+
+def test_eval_of_a_short_file_uses_the_windows_it_has(tmp_path: Path, checkpoint: Path) -> None:
+    _save_long_word_tokenizer(checkpoint)
+    family = Gemma3nFamily.load(checkpoint)
+    path = tmp_path / "short.txt"
+    path.write_text(" ".join(["a" * 40] * 40))  # 40 tokens: two windows of 17
+    eval_set = family.load_eval_set(path, seq_len=16, max_tokens=10_000)
+    assert eval_set.inputs.shape == (2, 16)
+
+
+@pytest.mark.parametrize(
+    ("info", "expected"),
+    [
+        (
+            {"quality": {"loss": 2.5, "perplexity": None, "eval_tokens": None, "data": "d.txt"}},
+            ["Loss 2.5000 of d.txt"],
+        ),
+        ({"quality": {"loss": None, "perplexity": None}}, ["Loss not measured"]),
+        (
+            {"quality": None, "quality_not_measured": "the loss is nan"},
+            ["Loss not measured: the loss is nan"],
+        ),
+        (
+            {"latency": {"target": {"name": "cpu"}, "measured_ms": 3.0, "speedup_vs_full": None}},
+            ["Latency on cpu: 3.000 ms (median)"],
+        ),
+        (
+            {"latency": {"target": None, "measured_ms": None, "predicted_ms": None}},
+            ["Latency not measured"],
+        ),
+        (
+            {"latency": {"measured_ms": None, "not_measured": "no CUDA", "predicted_ms": 1.5}},
+            ["Latency not measured: no CUDA", "Predicted latency on the target: 1.500 ms"],
+        ),
+        ({}, []),
+    ],
+)
+def test_model_card_lines_survive_missing_numbers(info: dict, expected: list[str]) -> None:
+    from mnm_search.families.gemma3n import _card_measurements
+
+    assert _card_measurements(info) == expected
+
+
+def test_export_writes_strict_json_for_non_finite_measurements(
+    tmp_path: Path, family: Gemma3nFamily
+) -> None:
+    metadata = {
+        "quality": {"loss": float("nan"), "perplexity": float("inf"), "eval_tokens": 64},
+        "latency": {"target": {"name": "cpu"}, "measured_ms": float("nan"), "predicted_ms": 2.0},
+    }
+    out = family.export_hf(
+        [128, 0, 192, 256, 64, 0], tmp_path / "nan", max_shard_size=60_000, metadata=metadata
+    )
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not strict JSON")
+
+    info = json.loads((out / "mnm.json").read_text(), parse_constant=refuse)
+    assert info["quality"]["loss"] is None and info["latency"]["measured_ms"] is None
+    index = json.loads((out / "model.safetensors.index.json").read_text(), parse_constant=refuse)
+    assert index["weight_map"]
+    card = (out / "README.md").read_text()
+    assert "Loss not measured" in card and "Latency not measured" in card
+    assert "Predicted latency on cpu: 2.000 ms" in card

@@ -46,6 +46,7 @@ from torch import nn
 from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 from transformers.utils import logging as hf_logging
 
+from mnm_search._files import finite, json_text
 from mnm_search._safetensors_writer import StreamedTensor, write_safetensors
 from mnm_search.checkpoint import atomic_directory
 from mnm_search.config import (
@@ -56,7 +57,13 @@ from mnm_search.config import (
     is_int,
     physical_memory_bytes,
 )
-from mnm_search.data import EvalSet, bundled_validation_text, make_eval_set, read_text_data
+from mnm_search.data import (
+    EvalSet,
+    bundled_validation_text,
+    make_eval_set,
+    read_tokens,
+    window_tokens,
+)
 from mnm_search.errors import CheckpointError, ConfigError, DataError, ExportError, WidthsError
 from mnm_search.evaluator import CacheStats, Quality
 from mnm_search.families import GEMMA3N, read_config_json
@@ -637,9 +644,20 @@ class Gemma3nFamily:
     def load_eval_set(
         self, data: str | Path | None, *, seq_len: int, max_tokens: int | None = None
     ) -> EvalSet:
-        """Windows of the user's text (or the bundled validation text), tokenized as above."""
-        text = bundled_validation_text() if data is None else read_text_data(data)
-        return make_eval_set(self.encode(text), seq_len=seq_len, max_tokens=max_tokens)
+        """Windows of the user's text (or the bundled validation text), tokenized as above.
+
+        Only a prefix of a large file is read and tokenized: enough for `max_tokens`.
+        """
+        if data is None:
+            tokens = self.encode(bundled_validation_text())
+        else:
+            needed = (
+                window_tokens(seq_len=seq_len, max_tokens=max_tokens)
+                if max_tokens is not None
+                else None
+            )
+            tokens = read_tokens(data, self.encode, n_tokens=needed)
+        return make_eval_set(tokens, seq_len=seq_len, max_tokens=max_tokens)
 
     @torch.inference_mode()
     def evaluate_loss(
@@ -730,8 +748,11 @@ class Gemma3nFamily:
                 "verification": report,
                 **(metadata or {}),
             }
-            (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-            (tmp / "README.md").write_text(_model_card(info))
+            # `metadata` may hold a NaN loss or latency: mnm.json (strict JSON) and the card
+            # both record it as null, "not measured".
+            info = finite(info)
+            (tmp / EXPORT_INFO_FILE).write_text(json_text(info) + "\n", encoding="utf-8")
+            (tmp / "README.md").write_text(_model_card(info), encoding="utf-8")
         return out
 
     @contextlib.contextmanager
@@ -811,7 +832,7 @@ class Gemma3nFamily:
             weight_map.update(dict.fromkeys(shard, filename))
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            (directory / INDEX_FILE).write_text(json_text(index) + "\n", encoding="utf-8")
         return total
 
     def _chunks(self, name: str, plan: _Plan) -> Callable[[], Iterator[torch.Tensor]]:
@@ -1255,25 +1276,39 @@ def _files_fingerprint(path: Path, shards: list[Path]) -> str:
 
 
 def _card_measurements(info: dict[str, Any]) -> list[str]:
+    """Model-card lines for the measurements in `info`. Any number may be null (strict JSON
+    records NaN and overflow as null) or missing: its line or clause says so, or is left out."""
     lines = []
-    quality = info.get("quality")
-    if quality:
-        lines.append(
-            f"Loss {quality['loss']:.4f} (perplexity {quality['perplexity']:.2f}) on "
-            f"{quality['eval_tokens']:,} tokens of {quality['data']}"
-        )
+    quality = info.get("quality") or {}
+    if quality.get("loss") is not None:
+        line = f"Loss {quality['loss']:.4f}"
+        if quality.get("perplexity") is not None:
+            line += f" (perplexity {quality['perplexity']:.2f})"
+        if quality.get("eval_tokens") is not None:
+            line += f" on {quality['eval_tokens']:,} tokens"
+        if quality.get("data"):
+            line += f" of {quality['data']}"
+        lines.append(line)
+    elif quality or info.get("quality_not_measured"):
+        lines.append(f"Loss not measured{_reason(info.get('quality_not_measured'))}")
     latency = info.get("latency") or {}
-    target = (latency.get("target") or {}).get("name")
+    target = (latency.get("target") or {}).get("name") or "the target"
     if latency.get("measured_ms") is not None:
-        lines.append(
-            f"Latency on {target}: {latency['measured_ms']:.3f} ms (median), "
-            f"{latency['speedup_vs_full']:.2f}x faster than the full model timed alongside"
-        )
-    elif latency.get("not_measured"):
-        lines.append(f"Latency not measured: {latency['not_measured']}")
+        line = f"Latency on {target}: {latency['measured_ms']:.3f} ms (median)"
+        if latency.get("speedup_vs_full") is not None:
+            line += (
+                f", {latency['speedup_vs_full']:.2f}x faster than the full model timed alongside"
+            )
+        lines.append(line)
+    elif "measured_ms" in latency or latency.get("not_measured"):
+        lines.append(f"Latency not measured{_reason(latency.get('not_measured'))}")
     if latency.get("predicted_ms") is not None:
         lines.append(f"Predicted latency on {target}: {latency['predicted_ms']:.3f} ms")
     return lines
+
+
+def _reason(text: Any) -> str:
+    return f": {text}" if text else ""
 
 
 def _model_card(info: dict[str, Any]) -> str:
