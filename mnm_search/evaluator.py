@@ -16,6 +16,7 @@ top-1 agreement (the paper's "consistency").
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,14 @@ from mnm_search.model import MatLM
 
 
 @torch.inference_mode()
+def perplexity(loss: float) -> float:
+    """exp(LOSS), or inf where that overflows a float (a loss above ~709 nats/token)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def evaluate_loss(
     model: MatLM,
     eval_set: EvalSet,

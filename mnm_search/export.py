@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,14 +23,12 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors import SafetensorError
 
 from mnm_search import __version__
 from mnm_search._files import (
     atomic_directory,
     atomic_write_text,
     describe_os_error,
-    describe_safetensors_error,
     finite,
     json_text,
     refuse_overlap,
@@ -39,7 +36,6 @@ from mnm_search._files import (
 )
 from mnm_search.checkpoint import (
     CONFIG_FILE,
-    WEIGHTS_FILE,
     Checkpoint,
     load_checkpoint,
     write_checkpoint_files,
@@ -47,7 +43,7 @@ from mnm_search.checkpoint import (
 from mnm_search.config import format_widths, param_count, validate_widths
 from mnm_search.data import EvalSet
 from mnm_search.errors import CheckpointError, DeviceError, ExportError, MnmError
-from mnm_search.evaluator import evaluate_loss
+from mnm_search.evaluator import evaluate_loss, perplexity
 from mnm_search.latency import LatencyModel
 from mnm_search.model import MatLM
 from mnm_search.profiler import measure_latency_ms
@@ -362,9 +358,8 @@ class _Exporter:
             metadata["export"]["trial"] = member.trial
         try:
             write_checkpoint_files(directory, sliced, metadata=metadata)
-        except SafetensorError as exc:  # how safetensors reports I/O errors such as disk full
-            message = describe_safetensors_error(exc, directory / WEIGHTS_FILE)
-            raise ExportError(f"{message}; nothing was written") from exc
+        except CheckpointError as exc:  # e.g. disk full; the message names the file
+            raise ExportError(str(exc)) from exc
 
         self.on_progress(f"verifying {compact}")
         try:
@@ -431,7 +426,7 @@ class _Exporter:
         if report.loss is not None:
             quality = {
                 "loss": round(report.loss, 6),
-                "perplexity": round(math.exp(report.loss), 4),
+                "perplexity": round(perplexity(report.loss), 4),
                 "eval_tokens": report.eval_tokens,
                 "data": self.data_name,
                 "search_loss": member.search_loss,
@@ -506,7 +501,7 @@ def model_card(report: ExportReport, source: Checkpoint, metadata: dict[str, Any
     if report.loss is not None:
         lines.append(
             f"| validation loss | {report.loss:.4f} nats/token (perplexity "
-            f"{math.exp(report.loss):.3f}) on {report.eval_tokens:,} tokens of "
+            f"{perplexity(report.loss):.3f}) on {report.eval_tokens:,} tokens of "
             f"{metadata['quality']['data']} |"
         )
     if report.target:

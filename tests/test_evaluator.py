@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from mnm_search.data import EvalSet, load_eval_set
 from mnm_search.errors import ConfigError
-from mnm_search.evaluator import CachedEvaluator, eval_subset, evaluate_loss
+from mnm_search.evaluator import CachedEvaluator, eval_subset, evaluate_loss, perplexity
 from mnm_search.model import MatLM
 from mnm_search.space import SearchSpace
 
@@ -158,3 +159,15 @@ def test_eval_subset(eval_set: EvalSet) -> None:
 def test_bad_settings(tiny_model: MatLM, eval_set: EvalSet, kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         CachedEvaluator(tiny_model, eval_set, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("loss", "expected"),
+    [(0.0, 1.0), (1.0, math.e), (800.0, math.inf), (math.inf, math.inf)],
+)
+def test_perplexity_never_overflows(loss: float, expected: float) -> None:
+    assert perplexity(loss) == pytest.approx(expected)
+
+
+def test_perplexity_of_nan_is_nan() -> None:
+    assert math.isnan(perplexity(math.nan))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shlex
 import sys
 import time
@@ -34,7 +33,7 @@ from mnm_search.cli._profile import load_profile_for
 from mnm_search.config import format_widths, param_count, parse_widths
 from mnm_search.data import load_eval_set
 from mnm_search.errors import CheckpointError, Terminated
-from mnm_search.evaluator import evaluate_loss
+from mnm_search.evaluator import evaluate_loss, perplexity
 from mnm_search.families import GEMMA3N
 from mnm_search.train import PRESETS, STATE_FILE, Trainer, TrainSettings
 
@@ -237,7 +236,7 @@ def eval_command(
         "widths": resolved,
         "widths_compact": format_widths(resolved, config),
         "loss": round(loss, 6),
-        "perplexity": round(math.exp(loss), 4),
+        "perplexity": round(perplexity(loss), 4),
         "params": param_count(config, resolved),
         "n_tokens": eval_set.n_tokens,
         "data": str(data) if data else "bundled validation text",

@@ -30,6 +30,7 @@ from mnm_search.cli._profile import (
 )
 from mnm_search.config import run_length_widths
 from mnm_search.errors import ExportError
+from mnm_search.evaluator import perplexity
 from mnm_search.families import load_gemma3n
 from mnm_search.targets import HardwareTarget
 
@@ -110,7 +111,7 @@ def evaluate(
         "widths_compact": run_length_widths(resolved),
         "skipped_layers": [i for i, w in enumerate(resolved) if w == 0],
         "loss": round(loss, 6),
-        "perplexity": round(math.exp(loss), 4),
+        "perplexity": round(perplexity(loss), 4),
         "params": family.param_count(resolved),
         "effective_params": family.effective_param_count(resolved),
         "n_tokens": eval_set.n_tokens,

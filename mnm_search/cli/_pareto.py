@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +22,7 @@ from mnm_search.cli._common import (
     user_errors,
 )
 from mnm_search.config import ModelConfig, format_widths, run_length_widths
+from mnm_search.evaluator import perplexity
 from mnm_search.export import finished_trials
 from mnm_search.pareto import PARETO_FILE, RUN_FILE, TRIALS_FILE, pareto_front, read_results
 from mnm_search.plot import COST_AXES, pareto_figure, save_figure, width_heatmap
@@ -125,7 +125,7 @@ def front_table(results: Results) -> pd.DataFrame:
             "widths": [int(w) for w in str(row["widths"]).split(",")],
             "widths_compact": results.compact(row["widths"]),
             "loss": float(row["loss"]),
-            "perplexity": math.exp(float(row["loss"])),
+            "perplexity": perplexity(float(row["loss"])),
         }
         for column in ("latency_ms", "params", "memory_bytes"):
             if _has(front, column):

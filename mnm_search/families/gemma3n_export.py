@@ -20,6 +20,7 @@ from mnm_search._files import atomic_directory, describe_os_error, finite, refus
 from mnm_search.config import run_length_widths
 from mnm_search.data import EvalSet
 from mnm_search.errors import ConfigError, DeviceError, ExportError, MnmError
+from mnm_search.evaluator import perplexity
 from mnm_search.families.gemma3n import EXPORT_INFO_FILE, Gemma3nFamily
 from mnm_search.families.gemma3n_profile import measure_gemma3n_latency
 from mnm_search.latency import LatencyModel
@@ -111,7 +112,7 @@ def _export_one(
         if math.isfinite(loss):
             metadata["quality"] = {
                 "loss": round(loss, 6),
-                "perplexity": round(math.exp(loss), 4),
+                "perplexity": round(perplexity(loss), 4),
                 "eval_tokens": eval_set.n_tokens,
                 "data": data_name,
             }
