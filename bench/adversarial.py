@@ -38,11 +38,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 MEMORY_LIMIT = 4 << 30  # address space of every attacked process
 MAX_ERROR_LINES = 15
@@ -67,6 +68,7 @@ WIDTHS = "S,M,L"
 EXPORT = ("export", "ckpt", "--widths", WIDTHS, "--max-tokens", "512")
 HIDDEN_TMP = re.compile(r"^\..*tmp", re.IGNORECASE)
 NON_FINITE = re.compile(r"(?<![\w.])[-+]?(nan|inf|infinity)(?![\w])", re.IGNORECASE)
+PROGRESS_LINE = re.compile(r"\d+/\d+ \(\d+%\)")  # `mnm`'s plain progress lines (no terminal)
 EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning))\b")
 MEMORY_WORDS = ("MemoryError", "bad_alloc", "can't allocate memory", "Cannot allocate memory")
 REFERENCE_STARTUP_S = 5.0  # `mnm info --json` on an idle 2-core machine; timeouts scale from it
@@ -244,48 +246,46 @@ def run_step(step: Step, cwd: Path, sandbox: Path, scale: float) -> Run:
     args = [a.replace("{sandbox}", str(sandbox)) for a in step.args]
     kill_at = step.kill[1] * scale if step.kill else 0.0
     deadline = step.timeout * scale + kill_at
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.monotonic()
-        proc = subprocess.Popen(
-            mnm(*args),
-            cwd=cwd,
-            env=child_env(),
-            stdout=out,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_limits(step.fsize),
-        )
-        status, usage, timed_out, signalled = None, None, False, False
-        try:
-            while status is None:
-                pid, raw, ru = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    status, usage = raw, ru
-                    break
-                elapsed = time.monotonic() - start
-                if step.kill is not None and not signalled and elapsed >= kill_at:
-                    _signal_group(proc.pid, step.kill[0])
-                    signalled = True
-                if elapsed > deadline:
-                    timed_out = True
-                    _signal_group(proc.pid, signal.SIGKILL)
-                    _, status, usage = os.wait4(proc.pid, 0)
-                    break
-                time.sleep(0.05)
-        except BaseException:  # the harness is interrupted: take the attacked process along
-            _signal_group(proc.pid, signal.SIGKILL)
-            os.wait4(proc.pid, 0)
-            proc.returncode = -9
-            raise
-        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap it again
-        seconds = time.monotonic() - start
-        out.seek(0)
-        err.seek(0)
-        stdout = out.read().decode("utf-8", "replace")
-        stderr = err.read().decode("utf-8", "replace")
+    start = time.monotonic()
+    # pipes, not files: RLIMIT_FSIZE (a full disk) must not cut the error message short
+    proc = subprocess.Popen(
+        mnm(*args),
+        cwd=cwd,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_limits(step.fsize),
+    )
+    readers = [_Drain(proc.stdout), _Drain(proc.stderr)]  # type: ignore[arg-type]
+    status, usage, timed_out, signalled = None, None, False, False
+    try:
+        while status is None:
+            pid, raw, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                status, usage = raw, ru
+                break
+            elapsed = time.monotonic() - start
+            if step.kill is not None and not signalled and elapsed >= kill_at:
+                _signal_group(proc.pid, step.kill[0])
+                signalled = True
+            if elapsed > deadline:
+                timed_out = True
+                _signal_group(proc.pid, signal.SIGKILL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+    except BaseException:  # the harness is interrupted: take the attacked process along
+        _signal_group(proc.pid, signal.SIGKILL)
+        os.wait4(proc.pid, 0)
+        proc.returncode = -9
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap it again
+    seconds = time.monotonic() - start
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # leftover workers of the group
+    stdout, stderr = (reader.text() for reader in readers)
     rss = (usage.ru_maxrss / 1024) if usage is not None else 0.0
     return Run(
         args,
@@ -297,6 +297,27 @@ def run_step(step: Step, cwd: Path, sandbox: Path, scale: float) -> Run:
         timed_out,
         signalled,
     )
+
+
+class _Drain(threading.Thread):
+    """Reads one pipe of a child to its end, so that a chatty child never blocks on it."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        super().__init__(daemon=True)
+        self.pipe = pipe
+        self.chunks: list[bytes] = []
+        self.start()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for chunk in iter(lambda: self.pipe.read1(65536), b""):
+                self.chunks.append(chunk)
+
+    def text(self) -> str:
+        self.join(timeout=10)
+        with contextlib.suppress(OSError):
+            self.pipe.close()
+        return b"".join(self.chunks).decode("utf-8", "replace")
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -339,7 +360,8 @@ def judge_step(step: Step, run: Run) -> str | None:
     if killed_by_us:  # SIGINT: a short message and a non-zero exit (or done just in time)
         return None if run.rc is not None and run.rc >= 0 else "SIGINT not handled"
     if run.rc != 0:
-        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        lines = [line for line in run.stderr.splitlines()
+                 if line.strip() and not PROGRESS_LINE.search(line)]  # fmt: skip
         if not lines:
             return "failed without a message"
         if len(lines) > MAX_ERROR_LINES and not step.debug_ok:
