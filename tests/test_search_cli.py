@@ -188,3 +188,27 @@ def test_profile_measured_by_search_carries_and_prints_its_warnings(
     stderr = " ".join(result.stderr.split())
     assert ("Warning: this latency model is unreliable" in stderr) == bad
     assert ("held-out MAPE 49.4 % > 15 %" in stderr) == bad
+
+
+@pytest.mark.parametrize("study", ["../../escaped", "a/b", "/tmp/abs-escaped", "..", "."])
+def test_a_study_name_that_is_a_path_is_refused_without_out(
+    workdir: Path, tiny_checkpoint: Path, study: str
+) -> None:
+    before = set(workdir.parent.iterdir())
+    result = _invoke(
+        ["search", str(tiny_checkpoint), "--objectives", "loss,params", "--trials", "2",
+         "--study", study, *FAST]
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "not a plain name" in result.output and "--out" in result.output
+    assert set(workdir.parent.iterdir()) == before
+    assert not (workdir / "results").exists()
+
+
+def test_any_study_name_works_with_out(workdir: Path, tiny_checkpoint: Path) -> None:
+    result = _invoke(
+        ["search", str(tiny_checkpoint), "--objectives", "loss,params", "--trials", "2",
+         "--study", "team/a..b", "--out", "res", *FAST]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (workdir / "res" / "trials.csv").exists()

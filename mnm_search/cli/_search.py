@@ -137,6 +137,17 @@ def _latency_model(
     return load_profile_for(checkpoint, saved)
 
 
+def _default_results_dir(study_name: str) -> Path:
+    """`results/STUDY`; a name that is not one plain path component would write elsewhere."""
+    if study_name in ("", ".", "..") or "/" in study_name or "\\" in study_name:
+        raise ConfigError(
+            f"--study {study_name!r} is not a plain name, and without --out it names the "
+            f"results directory results/{study_name}: use a name without '/' and '..', or "
+            f"choose the directory with --out"
+        )
+    return Path("results") / study_name
+
+
 @user_errors
 def search(
     ckpt: CkptArg = None,
@@ -319,7 +330,7 @@ def search(
                 ) from None
     ckpt_name = checkpoint.path.name if checkpoint.path else "checkpoint"
     study_name = study or f"{ckpt_name}-{'-'.join(names)}"
-    results_dir = out_dir if out_dir is not None else Path("results") / study_name
+    results_dir = out_dir if out_dir is not None else _default_results_dir(study_name)
     # Only the checkpoint: `--profile results/x/profile.json` inside --out is how a study
     # is resumed with the profile it measured.
     refuse_overlap(results_dir, {"the checkpoint": ckpt or default_checkpoint_path()})
