@@ -276,15 +276,19 @@ class LatencyModel:
             ) from None
         except RecursionError:
             raise ProfileError(f"latency profile {path} is nested too deeply; {RERUN}") from None
+        # Another checkpoint's profile is the likelier mistake: say so before judging its numbers.
+        checkpoint = profile.get("checkpoint") if isinstance(profile, dict) else None
+        recorded = checkpoint.get("fingerprint") if isinstance(checkpoint, dict) else None
+        if fingerprint is not None and isinstance(recorded, str) and recorded != fingerprint:
+            raise ProfileError(
+                f"latency profile {path} was measured for another checkpoint (fingerprint "
+                f"{recorded:.80}, not this one's {fingerprint}); profile this checkpoint "
+                f"with `mnm profile`"
+            )
         try:
             model = cls.from_profile(profile)
         except ProfileError as exc:
             raise ProfileError(f"{path}: {exc}") from None
-        if fingerprint is not None and model.fingerprint != fingerprint:
-            raise ProfileError(
-                f"latency profile {path} was measured for checkpoint {model.fingerprint}, "
-                f"not for this one ({fingerprint}); profile this checkpoint with `mnm profile`"
-            )
         device = profile.get("device")
         recorded = device if isinstance(device, dict) else {}  # facts only inform a warning
         diffs = hardware_differences(recorded, machine_facts(model.target))

@@ -207,7 +207,16 @@ def _write(tmp_path: Path, profile: dict[str, Any]) -> Path:
 def test_load_checks_the_checkpoint(tmp_path: Path) -> None:
     path = _write(tmp_path, _profile(_model([1.0, 2.0, 3.0])))
     assert LatencyModel.load(path, fingerprint="abc").fingerprint == "abc"
-    with pytest.raises(ProfileError, match="measured for checkpoint abc, not for this one"):
+    with pytest.raises(ProfileError, match="another checkpoint \\(fingerprint abc, not this one's"):
+        LatencyModel.load(path, fingerprint="def")
+
+
+def test_another_checkpoints_profile_is_named_before_its_numbers_are_judged(
+    tmp_path: Path,
+) -> None:
+    # Coefficients a noisy least-squares fit once wrote: negative at the uniform models.
+    path = _write(tmp_path, _profile(_model([24.05, -39.09, -2.04])))
+    with pytest.raises(ProfileError, match="another checkpoint"):
         LatencyModel.load(path, fingerprint="def")
 
 
