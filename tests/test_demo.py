@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -44,7 +45,14 @@ def test_demo_quick_runs_the_whole_pipeline(
         return profile
 
     monkeypatch.setattr(_demo, "profile_with_progress", noisy_profile)
-    result = CliRunner().invoke(app, ["demo", "--quick"])
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        result = CliRunner().invoke(app, ["demo", "--quick"])
+        # Optuna's per-trial INFO lines would bury the demo's progress lines in a log
+        assert optuna.logging.get_verbosity() == optuna.logging.WARNING
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     demo = tmp_path / "results" / "demo"

@@ -555,9 +555,9 @@ def test_study_names_its_objectives(results_dir: Path) -> None:
 
 
 def test_cli_hides_optunas_trial_failure_logs() -> None:
-    from mnm_search.cli._search import _quiet_optuna
+    from mnm_search.cli._search import quiet_optuna
 
-    _quiet_optuna()
+    quiet_optuna()
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]

@@ -21,6 +21,7 @@ from mnm_search.cli._common import err, loss_label, out, progress_bar, user_erro
 from mnm_search.cli._export import default_measurement_target
 from mnm_search.cli._pareto import Results, front_table, print_front, write_outputs
 from mnm_search.cli._profile import print_latency_model_warnings, profile_with_progress
+from mnm_search.cli._search import quiet_optuna
 from mnm_search.data import load_eval_set
 from mnm_search.errors import ConfigError
 from mnm_search.export import export_submodel, pick_under_budget
@@ -111,6 +112,7 @@ def demo(
     settings = SearchSettings(n_trials=plan.trials, objectives=("loss", "latency"), seed=0)
     full_ms = latency_model.predict_ms(config.physical_widths)
     budget = BUDGET_SHARE * full_ms
+    quiet_optuna()  # Optuna's per-trial INFO lines would bury the progress in a log
     with progress_bar() as progress:
         task = progress.add_task("searching", total=plan.trials, status="")
 

@@ -65,7 +65,7 @@ class _NoTrialFailureLogs(logging.Filter):
 _TRIAL_FAILURE_FILTER = _NoTrialFailureLogs()
 
 
-def _quiet_optuna() -> None:
+def quiet_optuna() -> None:
     """Optuna's logging, set by the command (a library must not set it): warnings only."""
     import optuna
 
@@ -399,7 +399,7 @@ def search(
                 tasks[0], completed=event.n_complete, total=event.n_target, status="  ".join(parts)
             )
 
-        _quiet_optuna()
+        quiet_optuna()
         try:
             result = run_search(
                 checkpoint,
