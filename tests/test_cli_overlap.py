@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Pa
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "t.txt").write_text("some text to train on " * 200)
     (tmp_path / "notes.txt").write_text("mine")
+    shutil.copytree(tiny_checkpoint, tmp_path / "copy")  # a checkpoint run.json does not name
     write_results(tmp_path / "res")
     info = json.loads((tmp_path / "res" / "run.json").read_text())
     info["checkpoint"] = str(tiny_checkpoint)
@@ -100,6 +102,11 @@ REFUSALS = [
         "--plot res/run.json is the results file run.json",
     ),
     (
+        "plot-over-other-weights",
+        ["pareto", "res", "--plot", "copy/model.safetensors"],
+        "--plot copy/model.safetensors must name a .png file",
+    ),
+    (
         "heatmap-into-checkpoint",
         ["pareto", "res", "--heatmap", "tiny-ckpt/heat.png"],
         "--heatmap tiny-ckpt/heat.png is inside the searched checkpoint",
@@ -126,7 +133,8 @@ def test_outputs_that_overlap_inputs_are_refused(
     # The demo's "embedded" checkpoint is tiny-ckpt; a planted demo.json must not matter.
     monkeypatch.setattr("mnm_search.checkpoint.default_checkpoint_path", lambda: tiny_checkpoint)
     (tiny_checkpoint / _demo.MARKER).write_text("{}")
-    before = {p: _digest(p) for p in (tiny_checkpoint, workdir / "res", workdir / "texts")}
+    inputs = (tiny_checkpoint, workdir / "res", workdir / "texts", workdir / "copy")
+    before = {p: _digest(p) for p in inputs}
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output

@@ -22,6 +22,7 @@ from mnm_search.cli._common import (
     user_errors,
 )
 from mnm_search.config import ModelConfig, format_widths, run_length_widths
+from mnm_search.errors import ConfigError
 from mnm_search.evaluator import perplexity
 from mnm_search.export import finished_trials
 from mnm_search.pareto import PARETO_FILE, RUN_FILE, TRIALS_FILE, pareto_front, read_results
@@ -235,6 +236,10 @@ def refuse_overwriting_inputs(results: Results, figure: Path | None, option: str
         inputs["the search's profile"] = profile
     inputs["the searched checkpoint"] = info.get("checkpoint") or default_checkpoint_path()
     refuse_overlap(figure, inputs, option=option)
+    if figure.suffix.lower() != ".png":
+        # Figures are PNG. Another name is more likely a mistyped input (weights of a copied
+        # checkpoint that run.json does not name, a CSV) than a wish to overwrite it.
+        raise ConfigError(f"{option} {figure} must name a .png file (figures are written as PNG)")
 
 
 def _target_name(run_info: dict[str, Any]) -> str | None:
