@@ -166,7 +166,7 @@ def test_write_and_load_round_trip(
     assert loaded.predict_ms(widths) == pytest.approx(
         LatencyModel.from_profile(profile).predict_ms(widths)
     )
-    with pytest.raises(ProfileError, match="measured for checkpoint"):
+    with pytest.raises(ProfileError, match="measured for another checkpoint"):
         LatencyModel.load(path, fingerprint="0123456789abcdef")
 
 

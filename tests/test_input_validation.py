@@ -374,7 +374,10 @@ def test_valid_profile_still_predicts(tmp_path: Path) -> None:
 
 def test_nan_profile_through_eval_is_an_error(tmp_path: Path, tiny_checkpoint: Path) -> None:
     path = tmp_path / "profile.json"
-    path.write_text(json.dumps(_profile(coefficients=[float("nan"), 1.0, 1.0])))
+    profile = _profile(coefficients=[float("nan"), 1.0, 1.0])
+    # this checkpoint's own profile: another checkpoint's is refused for that first
+    profile["checkpoint"]["fingerprint"] = load_checkpoint(tiny_checkpoint).fingerprint
+    path.write_text(json.dumps(profile))
     _assert_clean_cli_error(
         ["eval", str(tiny_checkpoint), "--widths", "S*3", "--profile", str(path)],
         "coefficients[0] must be finite",

@@ -189,7 +189,7 @@ def test_eval_refuses_another_checkpoints_profile(
             "--profile",
             str(profile_file),
         ],
-        "not for this one",
+        "measured for another checkpoint",
     )
 
 

@@ -115,7 +115,7 @@ def test_default_latency_objective_profiles_the_target_first(
         ["search", str(other), "--profile", "res/profile.json", "--trials", "5", *FAST]
     )
     assert refused.exit_code == 1
-    assert "measured for checkpoint" in refused.stderr
+    assert "measured for another checkpoint" in refused.stderr
 
 
 @pytest.mark.parametrize(
