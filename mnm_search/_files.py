@@ -47,14 +47,18 @@ def _temp_prefix(path: Path, kind: str) -> str:
     return f".{path.name}.{kind}-{os.getpid()}-"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process PID (on this machine) is still running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
         return True
-    return True
+    try:  # a killed child that nobody reaped yet is a zombie: dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
@@ -65,7 +69,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
         return removed
     for sibling in path.parent.iterdir():
         match = pattern.match(sibling.name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         if sibling.is_dir() and not sibling.is_symlink():
             shutil.rmtree(sibling, ignore_errors=True)

@@ -30,16 +30,9 @@ class ResultsError(MnmError):
 
 # Columns every results table has, and the numeric ones it may have (DESIGN §3).
 _REQUIRED_COLUMNS = ("trial", "widths", "loss", "state")
-_NUMERIC_COLUMNS = (
-    "loss",
-    "params",
-    "latency_ms",
-    "memory_bytes",
-    "kl",
-    "agreement",
-    "disagreement",
-    "seconds",
-)
+# What a trial can measure (trials.csv and pareto.csv columns, in this order).
+METRIC_COLUMNS = ("loss", "params", "latency_ms", "memory_bytes", "kl", "agreement", "disagreement")
+_NUMERIC_COLUMNS = (*METRIC_COLUMNS, "seconds")
 _STATES = ("COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING")
 _FIX = "re-run the same `mnm search` command to rewrite it from the study's storage"
 

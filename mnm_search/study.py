@@ -36,13 +36,19 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
-from mnm_search._files import atomic_write_bytes
+from mnm_search._files import atomic_write_bytes, pid_alive
 from mnm_search.checkpoint import Checkpoint
 from mnm_search.config import param_count
 from mnm_search.data import EvalSet
 from mnm_search.errors import ConfigError, SearchError
 from mnm_search.evaluator import CachedEvaluator, eval_subset
-from mnm_search.pareto import format_widths_column, hypervolume, pareto_front, write_results
+from mnm_search.pareto import (
+    METRIC_COLUMNS,
+    format_widths_column,
+    hypervolume,
+    pareto_front,
+    write_results,
+)
 from mnm_search.redact import redact, url_secrets
 from mnm_search.space import SearchSpace, param_name
 
@@ -688,19 +694,6 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child that nobody reaped yet is a zombie: dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def fail_dead_trials(study: optuna.Study) -> list[int]:
     """Fail RUNNING trials whose worker process on this host is gone; return their numbers."""
     host = socket.gethostname()
@@ -716,7 +709,7 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
                 dead = current - started > _STALE_WITHOUT_OWNER
         else:
             owner_host, _, pid = str(owner).rpartition(":")
-            dead = owner_host == host and pid.isdigit() and not _pid_alive(int(pid))
+            dead = owner_host == host and pid.isdigit() and not pid_alive(int(pid))
         if dead:
             try:
                 study.tell(trial.number, state=TrialState.FAIL)
@@ -789,16 +782,6 @@ def seed_configs(
 
 # -- results ----------------------------------------------------------------------------------
 
-_METRIC_COLUMNS = (
-    "loss",
-    "params",
-    "latency_ms",
-    "memory_bytes",
-    "kl",
-    "agreement",
-    "disagreement",
-)
-
 
 def _metrics(trial: FrozenTrial) -> dict[str, Any]:
     return trial.user_attrs.get(_METRICS_ATTR, {})
@@ -853,7 +836,7 @@ def trials_frame(
             "trial": trial.number,
             "widths": format_widths_column(space.from_params(trial.params)),
         }
-        for column in _METRIC_COLUMNS:
+        for column in METRIC_COLUMNS:
             row[column] = metrics.get(column)
         row["state"] = trial.state.name
         row["feasible"] = bool(all(v <= 0 for v in trial.constraints.values()))
@@ -864,12 +847,12 @@ def trials_frame(
         duration = trial.duration
         row["seconds"] = round(duration.total_seconds(), 4) if duration is not None else None
         rows.append(row)
-    columns = ["trial", "widths", *_METRIC_COLUMNS, "state", "feasible", "fidelity", "source"]
+    columns = ["trial", "widths", *METRIC_COLUMNS, "state", "feasible", "fidelity", "source"]
     columns += ["worker", "seconds", "fail_reason"]
     frame = pd.DataFrame(rows, columns=columns)
     # Drop metric columns this search never computed (e.g. latency without a profile).
     kept = {"loss", *keep}
-    empty = [c for c in _METRIC_COLUMNS if c not in kept and frame[c].isna().all()]
+    empty = [c for c in METRIC_COLUMNS if c not in kept and frame[c].isna().all()]
     if frame["fail_reason"].isna().all():
         empty.append("fail_reason")
     frame = frame.drop(columns=empty)
