@@ -351,3 +351,43 @@ def test_describe_os_error_without_a_file_still_reads() -> None:
     message = _files.describe_os_error(OSError(errno.ENOSPC, "No space left on device"))
     assert message == "disk full while writing a file: free space or choose another --out"
     assert _common.describe_exception(BrokenPipeError(errno.EPIPE, "Broken pipe"))[1] == 1
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "line"),
+    [
+        (KeyboardInterrupt(), 130, "Interrupted."),
+        (SystemExit(0), 0, None),
+        (SystemExit(2), 2, None),
+    ],
+)
+def test_main_ends_cleanly_and_then_ignores_signals(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    raised: BaseException,
+    code: int,
+    line: str | None,
+) -> None:
+    """Ctrl-C outside a command's boundary (typer exiting) is one line, not a traceback; once
+    the command is over, a late signal cannot turn its exit into "killed by signal"."""
+    import signal
+
+    import mnm_search.cli as cli
+
+    handlers: dict[int, Any] = {}
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: handlers.__setitem__(sig, handler))
+
+    def fake_app() -> None:
+        raise raised
+
+    monkeypatch.setattr(cli, "app", fake_app)
+    try:
+        cli.main()
+    except SystemExit as exc:
+        assert exc.code == code
+    except BaseException as exc:  # a KeyboardInterrupt here would stop the whole test run
+        pytest.fail(f"main() let {exc!r} escape")
+    else:
+        pytest.fail("main() returned without an exit status")
+    assert capsys.readouterr().err.strip() == (line or "")
+    assert handlers == {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN}

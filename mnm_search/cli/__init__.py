@@ -113,3 +113,11 @@ def main() -> None:
             typer.echo("Terminated (SIGTERM) before the command started.", err=True)
             raise SystemExit(143) from None
         raise
+    except KeyboardInterrupt:  # Ctrl-C outside the commands' boundary, e.g. while typer exits
+        typer.echo("Interrupted.", err=True)
+        raise SystemExit(130) from None
+    finally:
+        # The command is over and its output complete: a signal during interpreter shutdown
+        # would only turn a finished run into a "killed by signal" exit status.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
