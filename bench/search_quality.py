@@ -36,6 +36,7 @@ from mnm_search.checkpoint import load_checkpoint
 from mnm_search.config import param_count
 from mnm_search.data import load_eval_set
 from mnm_search.evaluator import CachedEvaluator, evaluate_loss
+from mnm_search.families.matlm import MatLMFamily
 from mnm_search.pareto import format_widths_column, hypervolume, pareto_front
 from mnm_search.space import SearchSpace
 from mnm_search.study import make_sampler
@@ -69,7 +70,7 @@ def ground_truth(args: argparse.Namespace) -> None:
     print(f"plain forward: {plain_s:.3f} s/config on {len(sample)} random configs")
 
     evaluator = CachedEvaluator(
-        checkpoint.model, eval_set, layer_widths=space.choices, cache_mb=args.cache_mb
+        MatLMFamily(checkpoint), eval_set, layer_widths=space.choices, cache_mb=args.cache_mb
     )
     rows = []
     started = time.perf_counter()

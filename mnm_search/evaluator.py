@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from mnm_search.config import validate_widths
 from mnm_search.data import EvalSet
 from mnm_search.errors import ConfigError
-from mnm_search.model import MatLM
+
+if TYPE_CHECKING:
+    from mnm_search.families.base import Family
 
 
 @torch.inference_mode()
@@ -40,13 +42,13 @@ def perplexity(loss: float) -> float:
 
 
 def evaluate_loss(
-    model: MatLM,
+    model: Callable[..., torch.Tensor],
     eval_set: EvalSet,
     widths: Sequence[int] | None = None,
     *,
     batch_size: int = 16,
 ) -> float:
-    """Mean cross-entropy in nats/token of `model` at `widths` over every eval window."""
+    """Mean cross-entropy in nats/token of `model(inputs, widths)` over every eval window."""
     total = 0.0
     for start in range(0, eval_set.inputs.shape[0], batch_size):
         inputs = eval_set.inputs[start : start + batch_size]
@@ -89,66 +91,88 @@ class CacheStats:
     evictions: int = 0
 
 
-_Hidden = list[torch.Tensor]  # one [B, T, D] tensor per eval batch
+_States = list[Any]  # one family state per eval batch
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes held by the tensors of a family's between-layer state (each tensor once)."""
+    seen: set[int] = set()
+    total = 0
+    stack = [state]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if id(item) not in seen:
+                seen.add(id(item))
+                total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
 
 
 class CachedEvaluator:
     """Evaluate many configurations of one universal model on one eval set, reusing work.
 
+    Works for every family through its `LayerSteps` (the forward cut at layer boundaries;
+    the state between layers is the family's own).
     `layer_widths[i]` lists the widths of layer `i` worth computing together (the search
     space's choices); when a layer is run for one of them, all of them are produced at once.
     `siblings="always"` does so at every layer (best for exhaustive, lexicographic sweeps);
     `"auto"` only at layers whose every prefix fits in half the cache (best for samplers,
     whose configurations share short prefixes only).
-    `cache_mb` bounds the memory held by cached hidden states (least recently used first; a
+    `cache_mb` bounds the memory held by cached states (least recently used first; a
     hit also refreshes the shorter prefixes on its path); the embeddings and the full
     model's outputs for the agreement metrics are kept outside that budget.
+    `batch_size` is eval windows per forward (default: the family's `eval_batch_size`).
     """
 
     def __init__(
         self,
-        model: MatLM,
+        family: Family,
         eval_set: EvalSet,
         *,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         cache_mb: float = 1024.0,
         layer_widths: Sequence[Sequence[int]] | None = None,
         agreement: bool = False,
         siblings: str = "always",
     ) -> None:
+        if batch_size is None:
+            batch_size = family.eval_batch_size
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         if cache_mb < 0:
             raise ConfigError(f"cache_mb must be >= 0, got {cache_mb}")
         if siblings not in ("always", "auto"):
             raise ConfigError(f"siblings must be 'always' or 'auto', got {siblings!r}")
-        config = model.config
-        if not config.is_universal:
-            raise ConfigError("CachedEvaluator needs a universal model (every layer at d_ff)")
-        if layer_widths is not None and len(layer_widths) != config.n_layers:
+        if not family.is_universal:
             raise ConfigError(
-                f"layer_widths has {len(layer_widths)} entries, the model {config.n_layers} layers"
+                "CachedEvaluator needs a universal checkpoint (every layer at its widest)"
             )
-        self.model = model
+        n_layers = family.n_layers
+        if layer_widths is not None and len(layer_widths) != n_layers:
+            raise ConfigError(
+                f"layer_widths has {len(layer_widths)} entries, the model {n_layers} layers"
+            )
+        self.family = family
+        self.steps = family.layer_steps()
         self.eval_set = eval_set
         self.batch_size = batch_size
         self.cache_bytes = int(cache_mb * 2**20)
         self.layer_widths = (
             [sorted(set(ws)) for ws in layer_widths]
             if layer_widths is not None
-            else [list(config.granularities)] * config.n_layers
+            else [sorted(set(family.search_space().choices[i])) for i in range(n_layers)]
         )
         self.agreement = agreement
-        state_bytes = eval_set.inputs.numel() * config.d_model * 4
-        prefixes, self._sibling_layers = 0, []
-        for layer, widths in enumerate(self.layer_widths):
-            prefixes = (prefixes or 1) * len(widths)
-            if siblings == "always" or prefixes * state_bytes * 2 <= self.cache_bytes:
-                self._sibling_layers.append(layer)
+        self.siblings = siblings
         self.stats = CacheStats()
-        self._cache: OrderedDict[tuple[int, ...], _Hidden] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, ...], _States] = OrderedDict()
         self._cached_bytes = 0
-        self._embedded: _Hidden | None = None
+        self._embedded: _States | None = None
+        self._sibling_layers: set[int] | None = None
         self._reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # -- public -----------------------------------------------------------------------------
@@ -156,16 +180,16 @@ class CachedEvaluator:
     @torch.inference_mode()
     def evaluate(self, widths: Sequence[int]) -> Quality:
         """Loss (and, if enabled, KL and top-1 agreement with the full model) at `widths`."""
-        widths = validate_widths(list(widths), self.model.config)
+        widths = self.family.validate_widths(list(widths))
         self.stats.evaluations += 1
-        hidden = self._hidden(tuple(widths))
+        states = self._states(tuple(widths))
         total = 0.0
         kl_total = 0.0
         agree_total = 0
         reference = self._reference_outputs() if self.agreement else None
-        for index, x in enumerate(hidden):
-            logits = self.model.lm_head(self.model.norm(x))
-            targets = self.eval_set.targets[self._batch_slice(index)]
+        for index, state in enumerate(states):
+            logits = self.steps.logits(state)  # [B, T, vocab]
+            targets = self.eval_set.targets[self._batch_slice(index)].to(logits.device)
             total += F.cross_entropy(
                 logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"
             ).item()
@@ -195,29 +219,40 @@ class CachedEvaluator:
         start = index * self.batch_size
         return slice(start, start + self.batch_size)
 
-    def _embeddings(self) -> _Hidden:
+    def _embeddings(self) -> _States:
         if self._embedded is None:
-            model = self.model
-            seq = self.eval_set.inputs.shape[1]
-            positions = torch.arange(seq)
+            inputs = self.eval_set.inputs
             self._embedded = [
-                model.wte(self.eval_set.inputs[start : start + self.batch_size])
-                + model.wpe(positions)
-                for start in range(0, self.eval_set.inputs.shape[0], self.batch_size)
+                self.steps.embed(inputs[start : start + self.batch_size])
+                for start in range(0, inputs.shape[0], self.batch_size)
             ]
         return self._embedded
 
+    def _siblings_at(self, layer: int) -> bool:
+        """Whether siblings of `layer` are worth computing (they can be kept for later)."""
+        if not self.cache_bytes:
+            return False
+        if self._sibling_layers is None:
+            one_state = state_bytes(self._embeddings())
+            prefixes, chosen = 0, set()
+            for index, options in enumerate(self.layer_widths):
+                prefixes = (prefixes or 1) * len(options)
+                if self.siblings == "always" or prefixes * one_state * 2 <= self.cache_bytes:
+                    chosen.add(index)
+            self._sibling_layers = chosen
+        return layer in self._sibling_layers
+
     def _reference_outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._reference is None:
-            full = tuple(self.model.config.physical_widths)
+            full = tuple(self.family.full_widths())
             self._reference = []
-            for x in self._hidden(full):
-                logits = self.model.lm_head(self.model.norm(x)).float()
+            for state in self._states(full):
+                logits = self.steps.logits(state).float()
                 self._reference.append((F.log_softmax(logits, dim=-1), logits.argmax(dim=-1)))
         return self._reference
 
-    def _hidden(self, widths: tuple[int, ...]) -> _Hidden:
-        """Hidden states after the last layer at `widths`, from the longest cached prefix."""
+    def _states(self, widths: tuple[int, ...]) -> _States:
+        """States after the last layer at `widths`, from the longest cached prefix."""
         depth = len(widths)
         while depth > 0 and widths[:depth] not in self._cache:
             depth -= 1
@@ -227,50 +262,33 @@ class CachedEvaluator:
                 if widths[:shorter] in self._cache:
                     self._cache.move_to_end(widths[:shorter])
             self.stats.prefix_hits += depth
-            state = self._cache[widths[:depth]]
+            states = self._cache[widths[:depth]]
         else:
-            state = self._embeddings()
+            states = self._embeddings()
         for layer in range(depth, len(widths)):
-            siblings = self._run_layer(layer, state, widths[layer])
+            siblings = self._run_layer(layer, states, widths[layer])
             for width, output in siblings.items():
                 self._store((*widths[:layer], width), output)
-            state = siblings[widths[layer]]
-        return state
+            states = siblings[widths[layer]]
+        return states
 
-    def _run_layer(self, layer: int, state: _Hidden, width: int) -> dict[int, _Hidden]:
-        """Outputs of `layer` for `width` and every sibling width, sharing one widest FFN pass."""
-        block = self.model.blocks[layer]
-        # Siblings are only worth computing if they can be kept for later.
-        keep = self.cache_bytes and layer in self._sibling_layers
-        widths = sorted({width, *self.layer_widths[layer]}) if keep else [width]
-        positive = [w for w in widths if w > 0]
-        outputs: dict[int, _Hidden] = {w: [] for w in widths}
+    def _run_layer(self, layer: int, states: _States, width: int) -> dict[int, _States]:
+        """Outputs of `layer` for `width` and every sibling width, one family call per batch."""
+        widths = sorted({width, *self.layer_widths[layer]}) if self._siblings_at(layer) else [width]
+        outputs: dict[int, _States] = {w: [] for w in widths}
         self.stats.layer_runs += 1
-        for x in state:
-            h = x + block.attn(block.attn_norm(x), layer=layer)
-            if 0 in outputs:
-                outputs[0].append(h)
-            if not positive:
-                continue
-            assert block.ffn is not None and block.ffn_norm is not None
-            up, down = block.ffn.up.weight, block.ffn.down.weight
-            hidden = F.gelu(F.linear(block.ffn_norm(h), up[: positive[-1]]))  # [B, T, widest]
-            running: torch.Tensor | None = None
-            start = 0
-            for w in positive:
-                chunk = F.linear(hidden[..., start:w], down[:, start:w])  # [B, T, D]
-                running = chunk if running is None else running + chunk
-                outputs[w].append(h + running)
-                start = w
+        for state in states:
+            for w, out in self.steps.layer(layer, state, widths).items():
+                outputs[w].append(out)
         return outputs
 
-    def _store(self, key: tuple[int, ...], value: _Hidden) -> None:
-        size = sum(t.numel() * t.element_size() for t in value)
+    def _store(self, key: tuple[int, ...], value: _States) -> None:
+        size = state_bytes(value)
         if key in self._cache or size > self.cache_bytes:
             return
         self._cache[key] = value
         self._cached_bytes += size
         while self._cached_bytes > self.cache_bytes:
             _, evicted = self._cache.popitem(last=False)
-            self._cached_bytes -= sum(t.numel() * t.element_size() for t in evicted)
+            self._cached_bytes -= state_bytes(evicted)
             self.stats.evictions += 1

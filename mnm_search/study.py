@@ -1251,8 +1251,10 @@ def _evaluator(
         from mnm_search.families.gemma3n import Gemma3nEvaluator
 
         return Gemma3nEvaluator(subject, eval_set)
+    from mnm_search.families.matlm import MatLMFamily
+
     return CachedEvaluator(
-        subject.model,
+        MatLMFamily(subject),
         eval_set,
         batch_size=settings.batch_size,
         cache_mb=settings.cache_mb,

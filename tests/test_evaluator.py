@@ -12,6 +12,7 @@ import torch
 from mnm_search.data import EvalSet, load_eval_set
 from mnm_search.errors import ConfigError
 from mnm_search.evaluator import CachedEvaluator, eval_subset, evaluate_loss, perplexity
+from mnm_search.families.matlm import MatLMFamily
 from mnm_search.model import MatLM
 from mnm_search.space import SearchSpace
 
@@ -56,7 +57,7 @@ def test_cached_loss_matches_plain_forward(
 ) -> None:
     space = SearchSpace.from_config(trained_like_model.config, **space_kwargs)
     evaluator = CachedEvaluator(
-        trained_like_model,
+        MatLMFamily.from_model(trained_like_model),
         eval_set,
         batch_size=batch_size,
         cache_mb=cache_mb,
@@ -73,7 +74,7 @@ def test_cached_loss_matches_plain_forward(
 
 def test_widths_really_change_the_loss(trained_like_model: MatLM, eval_set: EvalSet) -> None:
     """Guards the test above against a model where every width gives the same loss."""
-    evaluator = CachedEvaluator(trained_like_model, eval_set)
+    evaluator = CachedEvaluator(MatLMFamily.from_model(trained_like_model), eval_set)
     losses = {evaluator.evaluate([w] * 3).loss for w in (8, 16, 32, 64)}
     assert max(losses) - min(losses) > 1e-2
 
@@ -82,7 +83,9 @@ def test_exhaustive_sweep_reuses_prefixes_and_siblings(
     trained_like_model: MatLM, eval_set: EvalSet
 ) -> None:
     space = SearchSpace.from_config(trained_like_model.config)
-    evaluator = CachedEvaluator(trained_like_model, eval_set, layer_widths=space.choices)
+    evaluator = CachedEvaluator(
+        MatLMFamily.from_model(trained_like_model), eval_set, layer_widths=space.choices
+    )
     for widths in space.all_configs():
         evaluator.evaluate(widths)
     # One attention + widest-FFN pass per distinct layer input: 1 + 4 + 16 of them,
@@ -99,19 +102,24 @@ def test_auto_siblings_only_where_every_prefix_fits(
     space = SearchSpace.from_config(trained_like_model.config)
     # room for 2 x (4 + 16) states: siblings at layers 0 and 1, not at layer 2 (64 prefixes)
     evaluator = CachedEvaluator(
-        trained_like_model, eval_set, cache_mb=40.5 * state_mb, siblings="auto"
+        MatLMFamily.from_model(trained_like_model),
+        eval_set,
+        cache_mb=40.5 * state_mb,
+        siblings="auto",
     )
-    assert evaluator._sibling_layers == [0, 1]
+    assert [layer for layer in range(4) if evaluator._siblings_at(layer)] == [0, 1]
     for widths in _configs(space, 12):
         plain = evaluate_loss(trained_like_model, eval_set, widths)
         assert evaluator.evaluate(widths).loss == pytest.approx(plain, rel=1e-6, abs=0)
     with pytest.raises(ConfigError, match="siblings must be"):
-        CachedEvaluator(trained_like_model, eval_set, siblings="never")
+        CachedEvaluator(MatLMFamily.from_model(trained_like_model), eval_set, siblings="never")
 
 
 def test_cache_is_bounded(trained_like_model: MatLM, eval_set: EvalSet) -> None:
     one_state_mb = eval_set.inputs.numel() * trained_like_model.config.d_model * 4 / 2**20
-    evaluator = CachedEvaluator(trained_like_model, eval_set, cache_mb=3.5 * one_state_mb)
+    evaluator = CachedEvaluator(
+        MatLMFamily.from_model(trained_like_model), eval_set, cache_mb=3.5 * one_state_mb
+    )
     for widths in itertools.islice(
         SearchSpace.from_config(trained_like_model.config).all_configs(), 20
     ):
@@ -122,7 +130,9 @@ def test_cache_is_bounded(trained_like_model: MatLM, eval_set: EvalSet) -> None:
 
 
 def test_agreement_with_the_full_model(trained_like_model: MatLM, eval_set: EvalSet) -> None:
-    evaluator = CachedEvaluator(trained_like_model, eval_set, agreement=True)
+    evaluator = CachedEvaluator(
+        MatLMFamily.from_model(trained_like_model), eval_set, agreement=True
+    )
     full = evaluator.evaluate([64, 64, 64])
     assert full.kl == pytest.approx(0.0, abs=1e-6)
     assert full.agreement == 1.0
@@ -158,7 +168,7 @@ def test_eval_subset(eval_set: EvalSet) -> None:
 )
 def test_bad_settings(tiny_model: MatLM, eval_set: EvalSet, kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        CachedEvaluator(tiny_model, eval_set, **kwargs)
+        CachedEvaluator(MatLMFamily.from_model(tiny_model), eval_set, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,11 @@
-"""Model families: which adapter serves a checkpoint directory, decided from its `config.json`.
+"""Model families: the registry, and which family serves a checkpoint directory.
 
-- `matlm`: the native MatFormer LM (`format: mnm-matlm`, written by `mnm train` / `mnm export`).
+Every family, the native one included, registers here or from its own module through
+`register_family` (name, a cheap detector on `config.json`, a loader); code outside this
+package loads checkpoints with `load_family` and uses only the `Family` interface
+(`mnm_search.families.base`). The built-in families:
+
+- `matlm`: the native MatFormer LM (`format: mnm-matlm`, written by `mnm train` / `mnm export`);
 - `gemma3n`: Google's Gemma 3n through transformers (`model_type` `gemma3n_text` for
   `Gemma3nForCausalLM`, `gemma3n` for the text part of `Gemma3nForConditionalGeneration`);
   needs the optional extra `pip install "mnm-search[hf]"`.
@@ -8,27 +13,24 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mnm_search.errors import CheckpointError
+from mnm_search.families.base import (
+    FamilyEntry,
+    family_for_config,
+    register_family,
+    registered_families,
+    unregister_family,
+)
 
 if TYPE_CHECKING:
-    from mnm_search.families.gemma3n import Gemma3nFamily
+    from mnm_search.families.base import Family
 
-NATIVE = "matlm"
-GEMMA3N = "gemma3n"
 NATIVE_FORMAT = "mnm-matlm"  # same value as mnm_search.checkpoint.FORMAT (no torch import here)
 GEMMA3N_MODEL_TYPES = ("gemma3n", "gemma3n_text")
-
-SUPPORTED = {
-    NATIVE: f"native MatFormer LM (config.json `format: {NATIVE_FORMAT}`, from `mnm train`)",
-    GEMMA3N: (
-        "Gemma 3n via transformers (config.json `model_type` "
-        + " or ".join(repr(t) for t in GEMMA3N_MODEL_TYPES)
-        + ', needs pip install "mnm-search[hf]")'
-    ),
-}
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
@@ -38,52 +40,98 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     return read_config(path)
 
 
-def family_of_config(data: dict[str, Any], *, where: str = "config.json") -> str:
-    """Family name for a parsed `config.json`; an "unsupported family" error otherwise."""
-    if data.get("format") == NATIVE_FORMAT or (
-        "model_type" not in data and "d_model" in data and "granularities" in data
-    ):
-        return NATIVE
-    model_type = data.get("model_type")
-    if isinstance(model_type, str) and model_type in GEMMA3N_MODEL_TYPES:
-        return GEMMA3N
-    # Quoted and cut short: these values come from an untrusted file.
-    found = f"model_type {model_type!r:.80}" if model_type else "no model_type and no mnm format"
-    architectures = data.get("architectures")
-    if architectures:
-        found += f", architectures {architectures!r:.200}"
-    supported = "; ".join(f"{name}: {text}" for name, text in SUPPORTED.items())
-    raise CheckpointError(
-        f"{where}: unsupported model family ({found}). mnm supports: {supported}. "
-        f"Other transformers models are not MatFormers: their FFNs are not nested, so their "
-        f"sub-models would not work without retraining"
+def detect_family(path: str | Path) -> str:
+    """The registered family name of a checkpoint directory (raises for anything else)."""
+    path = Path(path)
+    return family_for_config(read_config_json(path), where=str(path / "config.json")).name
+
+
+def load_family(
+    path: str | Path | None = None,
+    *,
+    weights: bool = True,
+    dtype: str | None = None,
+    step: int | None = None,
+) -> Family:
+    """Load any registered family's checkpoint (None: the embedded default checkpoint)."""
+    if path is None:
+        path = _default_path()
+    path = Path(path)
+    entry = family_for_config(read_config_json(path), where=str(path / "config.json"))
+    return entry.load(path, weights=weights, dtype=dtype, step=step)
+
+
+def _default_path() -> Path:
+    from mnm_search.checkpoint import default_checkpoint_path
+
+    return default_checkpoint_path()
+
+
+def _lazy_loader(module: str, cls: str, *, missing: str | None = None) -> Any:
+    """A loader importing `module` only when a checkpoint of its family is loaded."""
+
+    def load(path: Path, **options: Any) -> Family:
+        try:
+            family_cls = getattr(importlib.import_module(module), cls)
+        except ImportError as exc:
+            if missing is None:
+                raise
+            raise CheckpointError(f"{path} is {missing} ({exc})") from exc
+        return family_cls.load(path, **options)
+
+    return load
+
+
+def _is_native(config: dict[str, Any]) -> bool:
+    return config.get("format") == NATIVE_FORMAT or (
+        "model_type" not in config and "d_model" in config and "granularities" in config
     )
 
 
-def detect_family(path: str | Path) -> str:
-    """`"matlm"` or `"gemma3n"` for a checkpoint directory (raises for anything else)."""
-    path = Path(path)
-    return family_of_config(read_config_json(path), where=str(path / "config.json"))
+def _is_gemma3n(config: dict[str, Any]) -> bool:
+    return config.get("model_type") in GEMMA3N_MODEL_TYPES
 
 
-def load_gemma3n(path: str | Path, **kwargs: Any) -> Gemma3nFamily:
-    """Load a local Gemma 3n checkpoint; a clear error when transformers is not installed."""
-    try:
-        from mnm_search.families.gemma3n import Gemma3nFamily
-    except ImportError as exc:  # transformers (the `hf` extra) is missing or too old
-        raise CheckpointError(
-            f"{path} is a Gemma 3n checkpoint, which needs transformers with Gemma 3n support "
-            f'(>= 4.53): pip install "mnm-search[hf]" ({exc})'
-        ) from exc
-    return Gemma3nFamily.load(path, **kwargs)
+register_family(
+    "matlm",
+    summary=f"native MatFormer LM (config.json `format: {NATIVE_FORMAT}`, from `mnm train`)",
+    detect=_is_native,
+    load=_lazy_loader("mnm_search.families.matlm", "MatLMFamily"),
+)
+register_family(
+    "gemma3n",
+    summary=(
+        "Gemma 3n via transformers (config.json `model_type` "
+        + " or ".join(repr(t) for t in GEMMA3N_MODEL_TYPES)
+        + ', needs pip install "mnm-search[hf]")'
+    ),
+    detect=_is_gemma3n,
+    load=_lazy_loader(
+        "mnm_search.families.gemma3n",
+        "Gemma3nFamily",
+        missing=(
+            "a Gemma 3n checkpoint, which needs transformers with Gemma 3n support (>= 4.53): "
+            'pip install "mnm-search[hf]"'
+        ),
+    ),
+)
+
+# -- transitional names, removed with cli/_gemma3n.py (issue 12) -------------------------
+NATIVE = "matlm"
+GEMMA3N = "gemma3n"
+
+
+def load_gemma3n(path: str | Path, **options: Any) -> Family:
+    return registered_families()[GEMMA3N].load(Path(path), **options)
 
 
 __all__ = [
-    "GEMMA3N",
-    "NATIVE",
-    "SUPPORTED",
+    "FamilyEntry",
     "detect_family",
-    "family_of_config",
-    "load_gemma3n",
+    "family_for_config",
+    "load_family",
     "read_config_json",
+    "register_family",
+    "registered_families",
+    "unregister_family",
 ]

@@ -66,7 +66,7 @@ from mnm_search.data import (
 )
 from mnm_search.errors import CheckpointError, ConfigError, DataError, ExportError, WidthsError
 from mnm_search.evaluator import CacheStats, Quality
-from mnm_search.families import GEMMA3N, read_config_json
+from mnm_search.families import read_config_json
 from mnm_search.space import SearchSpace
 
 try:  # transformers >= 5
@@ -166,7 +166,7 @@ class Gemma3nFamily:
     MatFormer Lab's `2_048 * k` configurations).
     """
 
-    name = GEMMA3N
+    name = "gemma3n"
 
     def __init__(
         self,
@@ -1001,13 +1001,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def _text_config(data: dict[str, Any], path: Path) -> Gemma3nTextConfig:
-    from mnm_search.families import family_of_config
+    from mnm_search.families import family_for_config
 
-    family = family_of_config(data, where=str(path / "config.json"))  # unsupported -> error
-    if family != GEMMA3N:
+    family = family_for_config(data, where=str(path / "config.json")).name  # unsupported: error
+    if family != Gemma3nFamily.name:
         raise CheckpointError(
             f"{path} is a {family} checkpoint, not Gemma 3n; load it with "
-            f"mnm_search.load_checkpoint"
+            f"mnm_search.load_family"
         )
     if data.get("model_type") == "gemma3n_text":
         text = data

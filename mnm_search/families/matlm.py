@@ -1,0 +1,270 @@
+"""The native MatFormer LM (`mnm_search.model.MatLM`) as a `Family`.
+
+The model, its checkpoint files and its training live in `model.py`, `checkpoint.py` and
+`train.py`; this module is what the commands see of them: the search space, exact costs, the
+forward cut at layer boundaries (prefix caching), the latency probe, decoding and export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnm_search.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
+from mnm_search.config import (
+    ModelConfig,
+    format_widths,
+    param_count,
+    parse_widths,
+    validate_widths,
+)
+from mnm_search.data import EvalSet, load_eval_set
+from mnm_search.errors import ConfigError
+from mnm_search.families.base import Decoder, Family, LatencyProbe, LayerSteps, Widths
+from mnm_search.memory import MemoryEstimate, memory_bytes
+from mnm_search.model import KVCache, MatLM
+from mnm_search.slicing import slice_model
+from mnm_search.space import SearchSpace
+from mnm_search.targets import HardwareTarget
+
+
+class MatLMFamily(Family):
+    """A loaded native checkpoint (universal, or an exported dense submodel)."""
+
+    name = "matlm"
+    summary = "native MatFormer LM (config.json `format: mnm-matlm`, from `mnm train`)"
+    export_formats = ("safetensors", "onnx")
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.model: MatLM = checkpoint.model
+        self.config: ModelConfig = checkpoint.config
+        self.path = checkpoint.path
+        self.fingerprint = checkpoint.fingerprint
+
+    # -- loading ----------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | None,
+        *,
+        weights: bool = True,
+        dtype: str | None = None,
+        step: int | None = None,
+    ) -> MatLMFamily:
+        if step is not None:
+            raise ConfigError(
+                f"--step (step={step}) does not apply to native checkpoints: their widths are "
+                f"their trained granularities, plus --interpolate (see mnm info)"
+            )
+        if dtype not in (None, "float32", "auto"):
+            raise ConfigError(
+                f"native checkpoints load in float32 (dtype={dtype!r}); the hardware target's "
+                f"dtype is applied when profiling and exporting"
+            )
+        # Native checkpoints are small: `weights=False` still reads them (fingerprint needs it).
+        return cls(load_checkpoint(path))
+
+    @classmethod
+    def from_model(cls, model: MatLM, *, path: Path | None = None) -> MatLMFamily:
+        """An in-memory model as a family (tests, training), fingerprinted like a file."""
+        from mnm_search.checkpoint import fingerprint
+
+        return cls(
+            Checkpoint(model=model, config=model.config, fingerprint=fingerprint(model), path=path)
+        )
+
+    @classmethod
+    def default_path(cls) -> Path:
+        return default_checkpoint_path()
+
+    # -- facts ------------------------------------------------------------------------
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.n_layers
+
+    @property
+    def has_weights(self) -> bool:
+        return True
+
+    @property
+    def is_universal(self) -> bool:
+        return self.config.is_universal
+
+    @property
+    def eval_seq_len(self) -> int:
+        return self.config.max_seq_len
+
+    def describe(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "family": self.name,
+            "path": str(self.path) if self.path else None,
+            "fingerprint": self.fingerprint,
+            "universal": config.is_universal,
+            "config": config.to_dict(),
+            "metadata": self.checkpoint.metadata,
+            "params_full": param_count(config),
+            "uniform_params": {
+                name: param_count(config, config.uniform_widths(g))
+                for name, g in zip(config.granularity_names, config.granularities)
+            }
+            if config.is_universal
+            else {},
+        }
+
+    # -- widths and the search space ----------------------------------------------------
+
+    def full_widths(self) -> Widths:
+        return list(self.config.physical_widths)
+
+    def parse_widths(self, spec: str | Sequence[int | str]) -> Widths:
+        return parse_widths(spec, self.config)
+
+    def format_widths(self, widths: Sequence[int]) -> str:
+        return format_widths(widths, self.config)
+
+    def validate_widths(self, widths: Sequence[int]) -> Widths:
+        return validate_widths(widths, self.config)
+
+    def search_space(
+        self,
+        *,
+        allow_skip: bool = False,
+        interpolate: int = 0,
+        min_widths: Sequence[int] | None = None,
+        max_widths: Sequence[int] | None = None,
+    ) -> SearchSpace:
+        return SearchSpace.from_config(
+            self.config,
+            allow_skip=allow_skip,
+            interpolate=interpolate,
+            min_widths=min_widths,
+            max_widths=max_widths,
+        )
+
+    def uniform_configs(self) -> dict[str, Widths]:
+        config = self.config
+        return {
+            name: config.uniform_widths(g)
+            for name, g in zip(config.granularity_names, config.granularities)
+        }
+
+    # -- costs ------------------------------------------------------------------------
+
+    def param_count(self, widths: Sequence[int] | None = None) -> int:
+        return param_count(self.config, widths)
+
+    def memory_bytes(self, widths: Sequence[int], target: HardwareTarget) -> MemoryEstimate:
+        return memory_bytes(self.config, widths, target)
+
+    # -- quality ----------------------------------------------------------------------
+
+    def load_eval_set(self, data: str | Path | None, *, max_tokens: int | None) -> EvalSet:
+        return load_eval_set(data, seq_len=self.eval_seq_len, max_tokens=max_tokens)
+
+    def layer_steps(self) -> LayerSteps:
+        return MatLMSteps(self.model)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, widths: Sequence[int] | None = None) -> torch.Tensor:
+        return self.model(input_ids, widths).float()
+
+    # -- latency, decoding, export ------------------------------------------------------
+
+    def latency_probe(self, target: HardwareTarget, device: torch.device) -> LatencyProbe:
+        raise NotImplementedError("moved here from profiler.py (issue 12, in progress)")
+
+    def decoder(self, widths: Sequence[int] | None = None) -> Decoder:
+        return MatLMDecoder(self.model, widths)
+
+    def module(self) -> nn.Module:
+        return self.model
+
+    def sliced_module(self, widths: Sequence[int]) -> nn.Module:
+        return slice_model(self.model, widths)
+
+    def write_export(
+        self, directory: Path, widths: Sequence[int], *, fmt: str, metadata: dict[str, Any]
+    ) -> dict[str, Any]:
+        raise NotImplementedError("moved here from export.py (issue 12, in progress)")
+
+
+class MatLMSteps(LayerSteps):
+    """MatLM cut at layer boundaries; the state is the residual stream [B, T, D].
+
+    Sibling widths of one layer share a single widest FFN pass: the down projection is a sum
+    over hidden neurons, so every narrower nested width is a partial sum of it.
+    """
+
+    def __init__(self, model: MatLM) -> None:
+        if not model.config.is_universal:
+            raise ConfigError("prefix caching needs a universal model (every layer at d_ff)")
+        self.model = model
+        self.n_layers = model.config.n_layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.model.wte(input_ids) + self.model.wpe(positions)  # [B, T, D]
+
+    def layer(self, index: int, state: torch.Tensor, widths: Sequence[int]) -> dict[int, Any]:
+        block = self.model.blocks[index]
+        h = state + block.attn(block.attn_norm(state), layer=index)
+        outputs: dict[int, Any] = {}
+        positive = sorted(w for w in set(widths) if w > 0)
+        if 0 in widths:
+            outputs[0] = h
+        if not positive:
+            return outputs
+        assert block.ffn is not None and block.ffn_norm is not None
+        up, down = block.ffn.up.weight, block.ffn.down.weight
+        hidden = F.gelu(F.linear(block.ffn_norm(h), up[: positive[-1]]))  # [B, T, widest]
+        running: torch.Tensor | None = None
+        start = 0
+        for width in positive:
+            chunk = F.linear(hidden[..., start:width], down[:, start:width])  # [B, T, D]
+            running = chunk if running is None else running + chunk
+            outputs[width] = h + running
+            start = width
+        return outputs
+
+    def logits(self, state: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.norm(state)).float()
+
+
+class MatLMDecoder(Decoder):
+    """Greedy decoding of one configuration with MatLM's pre-allocated KV cache."""
+
+    def __init__(self, model: MatLM, widths: Sequence[int] | None) -> None:
+        self.model = model
+        self.widths = validate_widths(widths, model.config) if widths is not None else None
+        self._cache: KVCache | None = None
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        param = next(self.model.parameters())
+        self._cache = KVCache.empty(
+            self.model.config, batch=input_ids.shape[0], device=param.device, dtype=param.dtype
+        )
+        return self.step(input_ids)
+
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._cache is None:
+            raise ConfigError("call prefill(prompt) before step()")
+        return self.model(input_ids, self.widths, cache=self._cache).float()
+
+    def rollback(self, length: int) -> None:
+        if self._cache is None or not 0 <= length <= self._cache.length:
+            raise ConfigError(f"cannot roll the cache back to {length} positions")
+        self._cache.length = length
+
+    @property
+    def length(self) -> int:
+        return 0 if self._cache is None else self._cache.length
