@@ -306,6 +306,25 @@ class Family(ABC):
         seeds += [SeedConfig("min-slope", "min-slope", tuple(w)) for w in space.min_slope_configs()]
         return seeds
 
+    def named_configs(self, path: Path) -> list[SeedConfig]:
+        """Named configurations from a MatFormer Lab CSV (`--lab-configs`), validated here.
+
+        The Lab's CSV names per-layer FFN widths and skipped layers, which any family with
+        per-layer widths can read; errors name the configuration and the fix.
+        """
+        from mnm_search.errors import WidthsError
+        from mnm_search.families.matformer_lab import read_matformer_lab_csv
+
+        seeds = []
+        for config in read_matformer_lab_csv(path):
+            widths = config.widths(self.n_layers)
+            try:
+                self.validate_widths(widths)
+            except WidthsError as exc:
+                raise WidthsError(f"{path}: {config.name!r}: {exc}") from None
+            seeds.append(SeedConfig("named", f"lab: {config.name}", tuple(widths)))
+        return seeds
+
     # -- costs ------------------------------------------------------------------------
 
     @abstractmethod
