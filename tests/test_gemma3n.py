@@ -30,6 +30,7 @@ from transformers import (  # noqa: E402
     Gemma3nTextConfig,
 )
 
+from mnm_search.data import EvalSet  # noqa: E402
 from mnm_search.errors import CheckpointError, ConfigError, ExportError, WidthsError  # noqa: E402
 from mnm_search.families import detect_family  # noqa: E402
 from mnm_search.families.gemma3n import Gemma3nFamily  # noqa: E402
@@ -734,3 +735,189 @@ def test_export_writes_strict_json_for_non_finite_measurements(
     card = (out / "README.md").read_text()
     assert "Loss not measured" in card and "Latency not measured" in card
     assert "Predicted latency on cpu: 2.000 ms" in card
+
+
+# ------------------------------------------- the Family interface: caching, decoding, memory
+
+
+def _loss(family: Gemma3nFamily, eval_set: EvalSet, widths: list[int]) -> float:
+    """The plain reference: full-vocabulary logits of the sliced model + cross-entropy."""
+    logits = family.logits(eval_set.inputs, widths).float()
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), eval_set.targets.flatten()
+    ).item()
+
+
+# Full, narrow, mixed, producers only, dropped regular and dropped consumer layers, one
+# consumer kept while the other is dropped, every skippable layer dropped.
+EVAL_CONFIGS = [
+    [256] * 6,
+    [64] * 6,
+    [128, 0, 192, 256, 64, 0],
+    [0, 0, 64, 64, 0, 0],
+    [256, 256, 128, 128, 256, 0],
+    [0, 64, 256, 64, 0, 192],
+    [192, 128, 64, 256, 128, 64],
+    [64, 0, 256, 192, 256, 256],
+    [128, 0, 192, 256, 64, 64],  # shares a 5-layer prefix with the third
+    [256, 256, 128, 128, 0, 256],
+]
+
+
+@pytest.mark.parametrize("siblings", ["always", "auto"])
+def test_cached_evaluator_matches_the_plain_forward(
+    family: Gemma3nFamily, eval_text_file: Path, siblings: str
+) -> None:
+    from mnm_search.evaluator import CachedEvaluator
+
+    eval_set = family.load_eval_set(eval_text_file, seq_len=16, max_tokens=112)  # 7 windows
+    space = family.search_space(allow_skip=True)
+    evaluator = CachedEvaluator(
+        family,
+        eval_set,
+        batch_size=3,  # a ragged last batch
+        layer_widths=space.choices,
+        agreement=True,
+        siblings=siblings,
+        cache_mb=0.5 if siblings == "auto" else 64,  # "auto": evictions and few siblings
+    )
+    plain = {tuple(w): family.evaluate_loss(w, eval_set) for w in EVAL_CONFIGS}
+    for widths in EVAL_CONFIGS[:3]:
+        assert plain[tuple(widths)] == pytest.approx(_loss(family, eval_set, widths), rel=1e-6)
+    for widths in EVAL_CONFIGS + EVAL_CONFIGS[2::-1]:  # the repeats come from the cache
+        quality = evaluator.evaluate(widths)
+        assert quality.loss == pytest.approx(plain[tuple(widths)], rel=1e-6, abs=0), widths
+        assert quality.kl is not None and quality.kl >= -1e-6
+        if widths == family.full_widths():
+            assert abs(quality.kl) < 1e-7 and quality.agreement == 1.0
+        else:
+            assert quality.kl > 1e-4 and 0 <= quality.agreement < 1
+    assert evaluator.stats.prefix_hits > 0
+    if siblings == "auto":
+        assert evaluator.stats.evictions > 0
+
+
+def test_layer_steps_state_follows_kv_sharing(family: Gemma3nFamily) -> None:
+    steps = family.layer_steps()
+    state = steps.embed(input_ids())
+    assert state["streams"].shape == (4, 2, 16, 64)  # altup_num_inputs streams
+    assert state["kv"] == {}
+    for layer, width in enumerate([128, 0, 192, 256]):
+        outputs = steps.layer(layer, state, [0, width] if layer not in PRODUCERS else [width])
+        if layer not in PRODUCERS:
+            assert outputs[0] is state  # a dropped layer passes the state through
+        state = outputs[width]
+    assert set(state["kv"]) == {SLIDING, FULL}  # the producers (2 and 3) stored their K/V
+    keys, values = state["kv"][FULL]
+    assert keys.shape == values.shape == (2, 1, 16, 32)
+    consumer = steps.layer(4, state, [64, 128])
+    assert consumer[64]["kv"] == state["kv"] and consumer[128]["kv"] == state["kv"]
+
+
+def test_replay_steps_without_shared_kv_states(
+    family: Gemma3nFamily, eval_text_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers 4.x shares KV through its cache object: exact, uncached fallback."""
+    import mnm_search.families.gemma3n as gemma3n
+    from mnm_search.evaluator import CachedEvaluator
+
+    monkeypatch.setattr(gemma3n, "_LAYER_TAKES_SHARED_KV", False)
+    eval_set = family.load_eval_set(eval_text_file, seq_len=16, max_tokens=64)
+    evaluator = CachedEvaluator(family, eval_set, layer_widths=family.search_space().choices)
+    for widths in EVAL_CONFIGS[:3]:
+        plain = family.evaluate_loss(widths, eval_set)
+        assert evaluator.evaluate(widths).loss == pytest.approx(plain, rel=1e-6)
+
+
+@pytest.mark.parametrize("widths", [None, [128, 0, 192, 256, 0, 64], [64, 64, 64, 64, 0, 0]])
+def test_decoder_matches_the_full_forward(family: Gemma3nFamily, widths: list[int] | None) -> None:
+    ids = input_ids(batch=2, length=21)  # longer than the sliding window (8)
+    full = family.logits(ids, widths).float()
+    decoder = family.decoder(widths)
+    assert decoder.length == 0
+    parts = [decoder.prefill(ids[:, :5])]
+    parts += [decoder.step(ids[:, t : t + 1]) for t in range(5, 17)]
+    parts.append(decoder.step(ids[:, 17:]))  # several tokens at once
+    assert decoder.length == 21
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+    decoder.rollback(12)  # speculative decoding: forget rejected tokens, continue
+    assert decoder.length == 12
+    assert torch.allclose(decoder.step(ids[:, 12:15]), full[:, 12:15], atol=1e-5)
+    with pytest.raises(ConfigError, match="cannot roll the cache back"):
+        decoder.rollback(16)
+    decoder.prefill(ids[:, :3])  # a new prompt resets the cache
+    assert decoder.length == 3
+
+
+def test_memory_bytes_by_hand(family: Gemma3nFamily) -> None:
+    from mnm_search.targets import HardwareTarget
+
+    widths = [128, 0, 192, 256, 64, 0]  # kept 0 (S), 2 (S, producer), 3 (F, producer), 4
+    target = HardwareTarget(name="p", phase="prefill", seq_len=16, batch=2)  # float32
+    memory = family.memory_bytes(widths, target)
+    assert memory.weights == family.param_count(widths) * 4
+    # K/V of layers 0, 2 (sliding: 8 of the 16 positions) and 3 (full: 16); layer 4 reuses
+    # layer 2's, layers 1 and 5 are dropped: 2 (K, V) x batch 2 x 1 KV head x head_dim 32.
+    assert memory.kv_cache == 2 * 2 * 1 * 32 * (8 + 8 + 16) * 4
+    streams = (2 * 4 + 1) * 2 * 16 * 64  # 4 AltUp streams and their predictions, 1 normed
+    per_layer = 2 * 16 * 4 * 16  # 4 kept layers x PLE width 16
+    ffn = 3 * 2 * 16 * 256  # gate, up, product at the widest kept FFN (256)
+    assert ffn > 2 * 16 * (2 + 2) * 32 + 2 * 2 * 16 * 16  # attention is smaller here
+    assert ffn > 2 * 2 * 16 * 300  # so is the soft-capped head
+    assert memory.activations == (streams + per_layer + ffn) * 4
+    assert memory.total == memory.weights + memory.kv_cache + memory.activations
+    decode = HardwareTarget(
+        name="d", phase="decode", context_len=20, seq_len=1, batch=3, dtype="bfloat16"
+    )
+    memory = family.memory_bytes([64] * 6, decode)
+    assert memory.kv_cache == 2 * 3 * 1 * 32 * (8 + 21 + 8 + 21) * 2  # layers 0-3 only
+    # Decode: the head (2 x 3 x 300 soft-capped logits) is the largest intermediate.
+    assert memory.activations == ((2 * 4 + 1) * 3 * 64 + 3 * 6 * 16 + 2 * 3 * 300) * 2
+    # Dropping a consumer frees no KV cache; dropping a regular layer frees its own.
+    assert family.memory_bytes([64] * 5 + [0], decode).kv_cache == memory.kv_cache
+    assert family.memory_bytes([0] + [64] * 5, decode).kv_cache < memory.kv_cache
+
+
+def test_family_interface(family: Gemma3nFamily, checkpoint: Path) -> None:
+    from mnm_search.families import load_family
+    from mnm_search.families.base import Family
+
+    assert isinstance(family, Family) and family.is_universal and family.eval_batch_size == 4
+    for widths in EVAL_CONFIGS:
+        text = family.format_widths(widths)
+        assert family.parse_widths(text) == widths
+    assert family.format_widths([256] * 6) == "256*6"
+    assert family.format_widths([128, 0, 0, 256, 256, 64]) == "128,0*2,256*2,64"
+    assert family.uniform_configs()["64"] == [64] * 6
+    seeds = family.seed_configs(family.search_space())
+    assert [s.label for s in seeds[:4]] == [
+        "uniform 64",
+        "uniform 128",
+        "uniform 192",
+        "uniform 256",
+    ]
+    with pytest.raises(ConfigError, match="interpolate"):
+        family.search_space(interpolate=1)
+    loaded = load_family(checkpoint, dtype=None)  # None: as stored
+    assert isinstance(loaded, Gemma3nFamily) and loaded.dtype == torch.float32
+    assert Gemma3nFamily.load(checkpoint, weights=False, dtype=None).has_weights is False
+    assert loaded.load_eval_set(None, max_tokens=600).inputs.shape[1] == loaded.eval_seq_len
+
+
+def test_module_and_sliced_module(family: Gemma3nFamily) -> None:
+    ids = input_ids()
+    widths = [128, 0, 192, 256, 64, 0]
+    module = family.module()
+    assert isinstance(module, torch.nn.Module)
+    assert torch.equal(module(ids, widths), family.logits(ids, widths))
+    assert torch.equal(module(ids), family.logits(ids))
+    sliced = family.sliced_module(widths)
+    with torch.no_grad():
+        got = sliced(ids)
+    assert torch.allclose(got, family.logits(ids, widths), atol=1e-5)
+    loaded = {t.untyped_storage().data_ptr() for t in family.model.parameters()}
+    assert all(p.untyped_storage().data_ptr() not in loaded for p in sliced.parameters())
+    ple = sliced.model.model.embed_tokens_per_layer.weight
+    assert ple.shape == (300, 4 * PLE_WIDTH) and ple.is_contiguous()
+    n = family.param_count(widths)
+    assert sum(p.numel() for p in sliced.parameters()) == n

@@ -27,7 +27,9 @@ back afterwards, so even a full-width export never holds the model twice.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -43,7 +45,8 @@ import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+from transformers import DynamicCache, Gemma3nForCausalLM, Gemma3nTextConfig
+from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextDecoderLayer
 from transformers.utils import logging as hf_logging
 
 from mnm_search._files import finite, json_text
@@ -56,6 +59,7 @@ from mnm_search.config import (
     format_bytes,
     is_int,
     physical_memory_bytes,
+    run_length_widths,
 )
 from mnm_search.data import (
     EvalSet,
@@ -65,14 +69,20 @@ from mnm_search.data import (
     window_tokens,
 )
 from mnm_search.errors import CheckpointError, ConfigError, DataError, ExportError, WidthsError
-from mnm_search.evaluator import CacheStats, Quality
 from mnm_search.families import read_config_json
+from mnm_search.families.base import Decoder, Family, LatencyProbe, LayerSteps
+from mnm_search.memory import DTYPE_BYTES, MemoryEstimate
 from mnm_search.space import SearchSpace
+from mnm_search.targets import HardwareTarget
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
 except ImportError:  # transformers 4.x
     from transformers.modeling_utils import no_init_weights
+try:  # transformers >= 5: a dict of KV states passed between decoder layers
+    from transformers.cache_utils import KVSharingDict as _KVSharing
+except ImportError:  # pragma: no cover (4.x shares KV through the cache; see _ReplaySteps)
+    _KVSharing = dict  # type: ignore[assignment,misc]
 try:  # huggingface_hub >= 1.0 validates configs strictly
     from huggingface_hub.errors import StrictDataclassError
 except ImportError:  # pragma: no cover
@@ -157,7 +167,7 @@ class _KeptLayersEmbedding(nn.Module):
         return blocks.index_select(-2, self.kept).flatten(-2)
 
 
-class Gemma3nFamily:
+class Gemma3nFamily(Family):
     """A loaded Gemma 3n text model and everything search and export need from it.
 
     Build it with `Gemma3nFamily.load(path)` for a checkpoint directory, or directly from an
@@ -167,6 +177,7 @@ class Gemma3nFamily:
     """
 
     name = "gemma3n"
+    summary = "Gemma 3n via transformers (config.json `model_type` 'gemma3n' or 'gemma3n_text')"
 
     def __init__(
         self,
@@ -220,10 +231,10 @@ class Gemma3nFamily:
         cls,
         path: str | Path,
         *,
-        dtype: str = "auto",
+        weights: bool = True,
+        dtype: str | None = None,
         step: int | None = None,
         attn_implementation: str = "sdpa",
-        weights: bool = True,
     ) -> Gemma3nFamily:
         """Load a local Gemma 3n checkpoint (CausalLM or the text part of a multimodal one).
 
@@ -232,8 +243,10 @@ class Gemma3nFamily:
         model plus 64 MiB. Vision and audio tensors are never read. `dtype`: `auto` (as
         stored), `float32`, `bfloat16` or `float16`. `weights=False` reads only the config
         and the shard headers (the model lives on the meta device): enough for `describe`,
-        widths and parameter counts, instant even for E4B.
+        widths and parameter counts, instant even for E4B. `dtype=None` means `auto`.
         """
+        if dtype is None:
+            dtype = "auto"
         if attn_implementation not in ("sdpa", "eager"):
             raise ConfigError(
                 f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}"
@@ -307,8 +320,20 @@ class Gemma3nFamily:
         return not self.model.model.embed_tokens.weight.is_meta
 
     @property
+    def is_universal(self) -> bool:
+        return True  # every width up to the stored one, and every skippable layer, slices
+
+    @property
     def eval_seq_len(self) -> int:
         return min(DEFAULT_EVAL_SEQ_LEN, int(self.config.max_position_embeddings))
+
+    @property
+    def eval_batch_size(self) -> int:
+        return 4  # E4B: 4 windows of 512 tokens are 2 GiB of float32 logits already
+
+    def format_widths(self, widths: Sequence[int]) -> str:
+        """`[2048, 2048, 0, 4096]` -> `"2048*2,0,4096"` (what `parse_widths` reads back)."""
+        return run_length_widths(widths)
 
     def parse_widths(self, spec: str | Sequence[int | str]) -> list[int]:
         """`"8192*20,0*5,16384*10"` (or a list) -> one validated width per layer."""
@@ -332,19 +357,26 @@ class Gemma3nFamily:
         return self.validate_widths(widths)
 
     def uniform_configs(self) -> dict[str, list[int]]:
-        """Every layer at the same width (each step multiple all layers can take), by name."""
+        """Every layer at the same width (each step multiple all layers can take), by name
+        (the width: `"2048"`; `seed_configs` labels it `uniform 2048`)."""
         top = min(self._stored)
-        return {f"uniform {w}": [w] * self.n_layers for w in range(self.step, top + 1, self.step)}
+        return {str(w): [w] * self.n_layers for w in range(self.step, top + 1, self.step)}
 
     def search_space(
         self,
         *,
         allow_skip: bool = False,
+        interpolate: int = 0,
         min_widths: Sequence[int] | None = None,
         max_widths: Sequence[int] | None = None,
     ) -> SearchSpace:
         """Per-layer choices: step multiples, plus 0 (drop) for skippable layers with
         `allow_skip`. Bounds are inclusive, one per layer; a lower bound above 0 keeps a layer."""
+        if interpolate:
+            raise ConfigError(
+                f"--interpolate ({interpolate}) does not apply to Gemma 3n: its widths are every "
+                f"multiple of the step ({self.step}); choose a smaller step instead (--step)"
+            )
         bounds = {"min_widths": min_widths, "max_widths": max_widths}
         for name, values in bounds.items():
             if values is not None and len(values) != self.n_layers:
@@ -513,27 +545,35 @@ class Gemma3nFamily:
         Several views can live at once (profiling times them interleaved): they share the
         loaded weights, so each costs only its small PLE projection copy when it skips layers.
         """
+        return self._build_model(self._plan(widths), copy=False)
+
+    def _build_model(self, plan: _Plan, *, copy: bool) -> Gemma3nForCausalLM:
+        """The sliced model of `plan`: views of the loaded weights, or (`copy`) contiguous
+        copies of them (the PLE table cut too), as an exported checkpoint holds them."""
         self._require_weights()
-        plan = self._plan(widths)
         config = self._sliced_config(plan)
         with torch.device("meta"), _default_dtype(self.dtype), no_init_weights():
             view = _tied(Gemma3nForCausalLM(config))
         tied = view.lm_head.weight is view.model.embed_tokens.weight
+        wrap_ple = plan.skips_layers and not copy
         for module_name, module in view.named_modules():
-            if plan.skips_layers and module_name == "model.embed_tokens_per_layer":
+            if wrap_ple and module_name == "model.embed_tokens_per_layer":
                 continue  # replaced below by a wrapper around the full table (no copy)
             prefix = f"{module_name}." if module_name else ""
             for leaf, tensor in list(module._parameters.items()):
                 if tensor is None or not tensor.is_meta:
                     continue
                 source = self._source(prefix + leaf, plan)
+                if copy:
+                    source = source.detach().clone(memory_format=torch.contiguous_format)
                 if not isinstance(source, nn.Parameter):
                     source = nn.Parameter(source.detach(), requires_grad=False)
                 module._parameters[leaf] = source
             for leaf, tensor in list(module._buffers.items()):
                 if tensor is not None and tensor.is_meta:
-                    module._buffers[leaf] = self._source(prefix + leaf, plan)
-        if plan.skips_layers:
+                    source = self._source(prefix + leaf, plan)
+                    module._buffers[leaf] = source.clone() if copy else source
+        if wrap_ple:
             view.model.embed_tokens_per_layer = _KeptLayersEmbedding(
                 self.model.model.embed_tokens_per_layer,
                 plan.kept,
@@ -551,6 +591,26 @@ class Gemma3nFamily:
         widths = self.full_widths() if widths is None else widths
         model = self.sliced_model(widths)
         return model(input_ids=input_ids, use_cache=_USE_CACHE).logits
+
+    def layer_steps(self) -> LayerSteps:
+        """The forward cut at layer boundaries (prefix caching, `CachedEvaluator`)."""
+        self._require_weights()
+        if not _LAYER_TAKES_SHARED_KV:
+            return _ReplaySteps(self)
+        return Gemma3nSteps(self)
+
+    def decoder(self, widths: Sequence[int] | None = None) -> Decoder:
+        """Greedy decoding of the configuration with a transformers KV cache."""
+        return Gemma3nDecoder(self, self.full_widths() if widths is None else widths)
+
+    def module(self) -> nn.Module:
+        """The loaded model as a module: `forward(input_ids, widths=None)` -> logits."""
+        return _WidthsModule(self)
+
+    def sliced_module(self, widths: Sequence[int]) -> nn.Module:
+        """The physically sliced `Gemma3nForCausalLM` (contiguous copies of the kept weights,
+        the PLE table cut), wrapped so `forward(input_ids)` returns the logits tensor."""
+        return _LogitsModule(self._build_model(self._plan(widths), copy=True))
 
     # -------------------------------------------------------------------------- parameters
 
@@ -577,6 +637,48 @@ class Gemma3nFamily:
         ple_width = int(self.config.hidden_size_per_layer_input)
         embeddings = counts["embed_tokens"] + ple_rows * ple_width * len(plan.kept)
         return self.param_count(plan.widths) - embeddings
+
+    def memory_bytes(self, widths: Sequence[int], target: HardwareTarget) -> MemoryEstimate:
+        """Bytes the configuration needs on `target`, at the target's dtype.
+
+        - weights: every parameter of the sliced model (`param_count`);
+        - KV cache: keys and values of the kept layers that compute them (KV-sharing consumers
+          reuse their producer's; dropped layers hold none) for the target's whole context
+          (`context_len + seq_len`), at most `sliding_window` positions in sliding layers;
+        - activations: a peak estimate for one forward pass, the AltUp streams (the layer's
+          input and its predictions, `altup_num_inputs` each) and the per-layer inputs of the
+          kept layers, plus the largest intermediate alive beside them (attention: q, k, v and
+          the score matrix; FFN: gate, up and their product; head: the logits, soft-capped).
+        """
+        plan = self._plan(widths)
+        config = self.config
+        size = DTYPE_BYTES[target.dtype]
+        batch, new, context = target.batch, target.seq_len, target.total_len
+        hidden, head_dim = int(config.hidden_size), int(config.head_dim)
+        heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+        window = int(config.sliding_window)
+
+        def span(layer: int) -> int:  # positions a layer attends to (and caches)
+            sliding = config.layer_types[layer] == "sliding_attention"
+            return min(context, window) if sliding else context
+
+        kv = sum(
+            2 * batch * span(i) * kv_heads * head_dim for i in plan.kept if i not in self._consumers
+        )
+        streams = (2 * int(config.altup_num_inputs) + 1) * batch * new * hidden
+        per_layer = batch * new * len(plan.kept) * int(config.hidden_size_per_layer_input)
+        attention = batch * new * (heads + 2 * kv_heads) * head_dim + batch * heads * new * max(
+            span(i) for i in plan.kept
+        )
+        ffn = 3 * batch * new * max(plan.kept_widths)
+        capped = 2 if config.final_logit_softcapping is not None else 1
+        head = capped * batch * new * int(config.vocab_size)
+        activations = streams + per_layer + max(attention, ffn, head)
+        return MemoryEstimate(
+            weights=self.param_count(plan.widths) * size,
+            kv_cache=kv * size,
+            activations=activations * size,
+        )
 
     def _counts(self) -> dict[str, Any]:
         model = self.model.model
@@ -642,12 +744,19 @@ class Gemma3nFamily:
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
 
     def load_eval_set(
-        self, data: str | Path | None, *, seq_len: int, max_tokens: int | None = None
+        self,
+        data: str | Path | None,
+        *,
+        max_tokens: int | None = None,
+        seq_len: int | None = None,
     ) -> EvalSet:
-        """Windows of the user's text (or the bundled validation text), tokenized as above.
+        """Windows of the user's text (or the bundled validation text), tokenized as above,
+        `seq_len` tokens each (default: `eval_seq_len`).
 
         Only a prefix of a large file is read and tokenized: enough for `max_tokens`.
         """
+        if seq_len is None:
+            seq_len = self.eval_seq_len
         if data is None:
             tokens = self.encode(bundled_validation_text())
         else:
@@ -902,29 +1011,269 @@ class Gemma3nFamily:
             "transformers": transformers.__version__,
         }
 
+    # ----------------------------------------------------- latency and export (issue 12)
 
-class Gemma3nEvaluator:
-    """Loss of Gemma 3n configurations on one eval set, for `run_search`.
+    def latency_probe(self, target: HardwareTarget, device: torch.device) -> LatencyProbe:
+        from mnm_search.families.gemma3n_profile import Gemma3nProbe
 
-    Unlike the native MatLM's evaluator it caches no hidden states: Gemma 3n's AltUp streams
-    and per-layer inputs make prefix reuse model-specific, and a real checkpoint's trials are
-    dominated by the forward pass either way. The study itself never evaluates a
-    configuration twice.
+        return Gemma3nProbe(self, target, device)
+
+    def prepare_for_target(self, target: HardwareTarget) -> Gemma3nFamily:
+        """This family, its model moved to the target's device and dtype IN PLACE: a real
+        E4B must never be held twice. Load in the target's dtype to skip the conversion."""
+        from mnm_search.profiler import TORCH_DTYPES, select_device
+
+        if not self.has_weights:
+            return self
+        device, dtype = select_device(target.device), TORCH_DTYPES[target.dtype]
+        weights = self.model.model.embed_tokens.weight
+        if weights.device != device or weights.dtype != dtype:
+            self.model.to(device=device, dtype=dtype)  # parameters converted one at a time
+            self._tensors = {  # moved buffers are new tensors: re-read every name
+                **dict(self.model.named_parameters(remove_duplicate=False)),
+                **dict(self.model.named_buffers(remove_duplicate=False)),
+            }
+            self._view = None
+        return self
+
+    def write_export(
+        self, directory: Path, widths: Sequence[int], *, fmt: str, metadata: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The configuration as a verified transformers checkpoint (see gemma3n_export)."""
+        from mnm_search.families.gemma3n_export import write_gemma3n_export
+
+        return write_gemma3n_export(self, directory, widths, fmt=fmt, metadata=metadata)
+
+
+@dataclass(frozen=True, eq=False)
+class _BatchContext:
+    """What every layer reads for one eval batch and none changes: per-layer inputs, rotary
+    position embeddings and attention masks. One object per batch is shared by all of its
+    states, so the evaluator does not count it per cached prefix (it is not a tensor)."""
+
+    per_layer_inputs: torch.Tensor  # [B, T, n_layers, P]: the full model's, every layer
+    position_ids: torch.Tensor  # [1, T]
+    position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]]  # by layer type
+    masks: dict[str, Any]  # by layer type, as transformers builds them (may be None)
+
+
+class Gemma3nSteps(LayerSteps):
+    """Gemma 3n's text forward (`Gemma3nTextModel.forward`) cut at layer boundaries.
+
+    The state between layers is `{"streams": [altup_num_inputs, B, T, hidden], "kv": {layer
+    type: (keys, values)}, "context": _BatchContext}`: the AltUp streams, the keys/values the
+    KV producers stored so far (what later KV-sharing layers read), and the per-batch context.
+    Each layer runs transformers' own `Gemma3nTextDecoderLayer` of the loaded model; a
+    narrower width runs a shallow copy of it whose MLP projections are views of the first
+    `width` neurons (what `view_model` builds). Width 0 (a dropped layer) passes the state
+    through: the view model's per-layer inputs, masks and KV sharing are those of the kept
+    layers, which equal the full model's (producers are never dropped). Siblings run the layer
+    once per width (the gated MLP with activation sparsity has no exact partial sums).
     """
 
-    def __init__(self, family: Gemma3nFamily, eval_set: EvalSet, *, batch_size: int = 4) -> None:
-        if batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    def __init__(self, family: Gemma3nFamily) -> None:
         self.family = family
-        self.eval_set = eval_set
-        self.batch_size = batch_size
-        self.stats = CacheStats()
+        self.model = family.model
+        self.text = family.model.model
+        self.config = family.config
+        self.n_layers = family.n_layers
+        self._layers: dict[tuple[int, int], nn.Module] = {}
+        modeling = inspect.getmodule(type(self.text))
+        self._mask_functions = {
+            "full_attention": modeling.create_causal_mask,
+            "sliding_attention": modeling.create_sliding_window_causal_mask,
+        }
 
-    def evaluate(self, widths: Sequence[int]) -> Quality:
-        self.stats.evaluations += 1
-        self.stats.layer_runs += sum(1 for w in widths if w) * self.eval_set.inputs.shape[0]
-        loss = self.family.evaluate_loss(widths, self.eval_set, batch_size=self.batch_size)
-        return Quality(loss=loss)
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor) -> dict[str, Any]:
+        text, config = self.text, self.config
+        device = text.embed_tokens.weight.device
+        input_ids = input_ids.to(device)
+        embeds = text.embed_tokens(input_ids)
+        per_layer = text.project_per_layer_inputs(embeds, text.get_per_layer_inputs(input_ids))
+        position_ids = torch.arange(input_ids.shape[1], device=device).unsqueeze(0)
+        mask_kwargs = {
+            "config": config,
+            "inputs_embeds": embeds,
+            "attention_mask": None,
+            _CACHE_KWARG: DynamicCache(config=config),  # empty, as a plain forward's
+            "position_ids": position_ids,
+        }
+        masks = {kind: make(**mask_kwargs) for kind, make in self._mask_functions.items()}
+        # AltUp: the embedding and its projections rescaled to its magnitude (as transformers).
+        target = torch.mean(embeds**2, dim=-1, keepdim=True) ** 0.5
+        streams = [embeds]
+        for projection in text.altup_projections:
+            stream = projection(embeds).to(dtype=embeds.dtype, device=target.device)
+            magnitude = torch.sqrt(torch.mean(stream**2, dim=-1, keepdim=True).clamp(min=1e-5))
+            streams.append(stream * target / magnitude)
+        hidden = torch.stack(streams, dim=0)  # [altup_num_inputs, B, T, hidden]
+        positions = {
+            kind: text.rotary_emb(hidden, position_ids, kind) for kind in set(config.layer_types)
+        }
+        context = _BatchContext(
+            per_layer_inputs=per_layer,
+            position_ids=position_ids,
+            position_embeddings=positions,
+            masks=masks,
+        )
+        return {"streams": hidden, "kv": {}, "context": context}
+
+    @torch.inference_mode()
+    def layer(self, index: int, state: dict[str, Any], widths: Sequence[int]) -> dict[int, Any]:
+        context: _BatchContext = state["context"]
+        kind = self.config.layer_types[index]
+        outputs: dict[int, Any] = {}
+        for width in sorted(set(widths)):
+            if width == 0:
+                outputs[0] = state
+                continue
+            shared = _KVSharing(state["kv"])  # producers add theirs; the input state is kept
+            streams = self._layer(index, width)(
+                state["streams"],
+                context.position_embeddings[kind],
+                context.per_layer_inputs[:, :, index, :],
+                shared_kv_states=shared,
+                attention_mask=context.masks[kind],
+                position_ids=context.position_ids,
+                **{_CACHE_KWARG: None},
+            )
+            outputs[width] = {"streams": streams, "kv": dict(shared), "context": context}
+        return outputs
+
+    @torch.inference_mode()
+    def logits(self, state: dict[str, Any]) -> torch.Tensor:
+        text, hidden = self.text, state["streams"]
+        dtype = text.embed_tokens.weight.dtype
+        # AltUp unembedding, final norm, LM head and soft-capping, as the plain forward.
+        target = torch.mean(hidden[0] ** 2, dim=-1, keepdim=True) ** 0.5
+        streams = [hidden[0]]
+        for i, projection in enumerate(text.altup_unembed_projections, start=1):
+            stream = projection(hidden[i]).to(dtype=dtype, device=target.device)
+            magnitude = torch.sqrt(torch.mean(stream**2, dim=-1, keepdim=True).clamp(min=1e-5))
+            streams.append(stream * target / magnitude)
+        out = text.norm(torch.mean(torch.stack(streams), dim=0))
+        logits = self.model.lm_head(out)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    def _layer(self, index: int, width: int) -> nn.Module:
+        """Decoder layer `index` with its MLP cut to `width` neurons (views, built once)."""
+        key = (index, width)
+        if key not in self._layers:
+            full = self.text.layers[index]
+            if width == self.family.stored_widths[index]:
+                self._layers[key] = full
+            else:
+                mlp = copy.copy(full.mlp)
+                mlp._modules = dict(full.mlp._modules)
+                mlp.gate_proj = _linear(full.mlp.gate_proj.weight[:width])
+                mlp.up_proj = _linear(full.mlp.up_proj.weight[:width])
+                mlp.down_proj = _linear(full.mlp.down_proj.weight[:, :width])
+                mlp.intermediate_size = width
+                layer = copy.copy(full)
+                layer._modules = dict(full._modules)
+                layer.mlp = mlp
+                self._layers[key] = layer
+        return self._layers[key]
+
+
+class _ReplaySteps(LayerSteps):
+    """Exact but uncached steps for transformers without `shared_kv_states` (4.x, which
+    shares KV through the cache object): the state records the widths, `logits` runs the
+    plain forward of the configuration."""
+
+    def __init__(self, family: Gemma3nFamily) -> None:
+        self.family = family
+        self.n_layers = family.n_layers
+
+    def embed(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"ids": input_ids, "widths": torch.zeros(0, dtype=torch.long)}
+
+    def layer(self, index: int, state: dict[str, Any], widths: Sequence[int]) -> dict[int, Any]:
+        return {
+            w: {"ids": state["ids"], "widths": torch.cat([state["widths"], torch.tensor([w])])}
+            for w in set(widths)
+        }
+
+    def logits(self, state: dict[str, Any]) -> torch.Tensor:
+        widths = [int(w) for w in state["widths"]]
+        return self.family.logits(state["ids"], widths).float()
+
+
+class Gemma3nDecoder(Decoder):
+    """Greedy decoding of one configuration: the in-place view model and a transformers cache.
+
+    The cache holds every position of every layer (sliding layers too; their mask keeps the
+    window), so `rollback` is a plain cut of each layer's keys and values.
+    """
+
+    def __init__(self, family: Gemma3nFamily, widths: Sequence[int]) -> None:
+        self.model = family.view_model(widths)
+        self._cache: Any = None
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._cache = DynamicCache()
+        return self.step(input_ids)
+
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._cache is None:
+            raise ConfigError("call prefill(prompt) before step()")
+        device = self.model.lm_head.weight.device
+        out = self.model(
+            input_ids=input_ids.to(device), use_cache=True, **{_CACHE_KWARG: self._cache}
+        )
+        return out.logits.float()
+
+    def rollback(self, length: int) -> None:
+        if self._cache is None or not 0 <= length <= self.length:
+            raise ConfigError(f"cannot roll the cache back to {length} positions")
+        layers = getattr(self._cache, "layers", None)
+        if layers is None:  # transformers 4.x without cache layers: its crop takes a length
+            self._cache.crop(length)
+            return
+        for layer in layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+
+    @property
+    def length(self) -> int:
+        return 0 if self._cache is None else int(self._cache.get_seq_length())
+
+
+class _WidthsModule(nn.Module):
+    """The loaded model as a module: `forward(input_ids, widths=None)` -> logits."""
+
+    def __init__(self, family: Gemma3nFamily) -> None:
+        super().__init__()
+        self.model = family.model
+        self._family = [family]  # a plain list: not a submodule, not a parameter
+
+    def forward(self, input_ids: torch.Tensor, widths: Sequence[int] | None = None) -> torch.Tensor:
+        return self._family[0].logits(input_ids, widths)
+
+
+class _LogitsModule(nn.Module):
+    """A `Gemma3nForCausalLM` whose `forward(input_ids)` returns the logits tensor."""
+
+    def __init__(self, model: Gemma3nForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=_USE_CACHE).logits
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free `nn.Linear` around `weight` (a view: no copy)."""
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear.eval()
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -933,6 +1282,16 @@ class Gemma3nEvaluator:
 # KV-sharing layers would compute their own keys/values (a different model). 5.x shares KV
 # either way, so a cache is always requested.
 _USE_CACHE = True
+# The cache argument of the forwards: `cache` in transformers >= 5.x (`past_key_values` before).
+_CACHE_KWARG = (
+    "cache"
+    if "cache" in inspect.signature(Gemma3nForCausalLM.forward).parameters
+    else "past_key_values"
+)
+# transformers 5.x passes the KV-sharing states between decoder layers explicitly.
+_LAYER_TAKES_SHARED_KV = (
+    "shared_kv_states" in inspect.signature(Gemma3nTextDecoderLayer.forward).parameters
+)
 _DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
@@ -1006,8 +1365,7 @@ def _text_config(data: dict[str, Any], path: Path) -> Gemma3nTextConfig:
     family = family_for_config(data, where=str(path / "config.json")).name  # unsupported: error
     if family != Gemma3nFamily.name:
         raise CheckpointError(
-            f"{path} is a {family} checkpoint, not Gemma 3n; load it with "
-            f"mnm_search.load_family"
+            f"{path} is a {family} checkpoint, not Gemma 3n; load it with mnm_search.load_family"
         )
     if data.get("model_type") == "gemma3n_text":
         text = data
