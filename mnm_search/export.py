@@ -1,28 +1,35 @@
-"""Export Mix'n'Match submodels as physically sliced, verified, deployable checkpoints.
+"""Export Mix'n'Match submodels of any model family as verified, deployable directories.
 
-An export is a checkpoint directory (`config.json` + `model.safetensors`, optionally
-`model.onnx`) plus a model card (`README.md`). It is written into a temporary directory,
-verified there, and only then renamed into place, so a failed or interrupted export leaves
-nothing half-written. Verification: the reloaded files compute the universal model's logits
-at those widths (max abs difference <= 1e-5 in fp32), hold exactly `param_count` parameters,
-and (with a target) run at a measured latency reported next to the predicted one.
+One exporter for every `Family`: it picks the configurations (a trial, the best one within a
+latency budget, or the whole front), evaluates each in place on the eval set, times it next to
+the full model on the target, and then lets the family write and verify its own files
+(`Family.write_export`: a native checkpoint with optional ONNX, a Hugging Face directory for
+Gemma 3n...) into a temporary directory, which is renamed into place only once everything
+succeeded: a failed or interrupted export leaves nothing half-written. Each export gets a
+model card (`README.md`), a front gets `front.csv`, and every member one `ExportReport`.
+
+What `write_export` returns (facts for the report and the card; only the first is required):
+
+- `verified_max_abs_diff`: max abs difference of the written files' logits vs the in-place
+  forward at those widths;
+- `verification`: the family's verification record (also in its metadata file);
+- `files`: the files written; `metadata_file`: the one holding `metadata` (`config.json`);
+- `card`: `front_matter`, `title`, `about`, `rows` ([label, value] pairs), `verified` and
+  `usage` for the model card;
+- any extra number the family checked (e.g. `onnx_max_abs_diff`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import logging
-import sys
-import warnings
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 
 from mnm_search import __version__
 from mnm_search._files import (
@@ -30,40 +37,31 @@ from mnm_search._files import (
     atomic_write_text,
     describe_os_error,
     finite,
-    json_text,
     refuse_overlap,
-    user_path,
 )
-from mnm_search.checkpoint import (
-    CONFIG_FILE,
-    Checkpoint,
-    load_checkpoint,
-    write_checkpoint_files,
-)
-from mnm_search.config import format_widths, param_count, validate_widths
 from mnm_search.data import EvalSet
-from mnm_search.errors import CheckpointError, DeviceError, ExportError, MnmError
+from mnm_search.errors import ConfigError, DeviceError, ExportError, MnmError
 from mnm_search.evaluator import evaluate_loss, perplexity
 from mnm_search.latency import LatencyModel
-from mnm_search.model import MatLM
-from mnm_search.profiler import measure_latency_ms
-from mnm_search.slicing import slice_model
 from mnm_search.targets import HardwareTarget
 
-FORMATS = ("safetensors", "onnx", "hf")
-LOGITS_TOLERANCE = 1e-5  # exported vs universal, fp32: the same arithmetic, up to op order
-ONNX_TOLERANCE = 1e-4  # onnxruntime fuses and reorders ops; differences stay ~1e-7 in practice
-ONNX_FILE = "model.onnx"
+if TYPE_CHECKING:
+    from mnm_search.families.base import Family
+    from mnm_search.profiler import TimingStats
+
 CARD_FILE = "README.md"
+DEFAULT_METADATA_FILE = "config.json"
 
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What was written and what verification found."""
+    """What was written, what verification found and what was measured (every family)."""
 
     path: Path
+    family: str
+    format: str
     widths: list[int]
     widths_compact: str
     params: int
@@ -76,9 +74,15 @@ class ExportReport:
     measured_p10_ms: float | None = None
     measured_p90_ms: float | None = None
     full_model_ms: float | None = None
+    latency_not_measured: str | None = None
     target: str | None = None
     trial: int | None = None
+    source_fingerprint: str | None = None
     files: list[str] = field(default_factory=list)
+    # The blocks recorded in the export's metadata file, as written (strict JSON: null for NaN).
+    quality: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    verification: dict[str, Any] = field(default_factory=dict)
 
     @property
     def latency_error_pct(self) -> float | None:
@@ -111,15 +115,16 @@ class Member:
     search_loss: float | None = None
 
 
-def check_format(fmt: str) -> str:
-    if fmt == "hf":
+def check_format(family: Family, fmt: str | None) -> str:
+    """FMT if the family writes it (None: the family's default), else a clear error."""
+    formats = tuple(family.export_formats)
+    if fmt is None:
+        return formats[0]
+    if fmt not in formats:
+        choices = " or ".join(f"--format {f}" for f in formats)
         raise ExportError(
-            "--format hf writes a transformers directory and needs a checkpoint of the Gemma 3n "
-            "family (Gemma3nForCausalLM); this checkpoint is a native MatLM, which exports as "
-            "safetensors or onnx"
+            f"a {family.name} checkpoint ({family.summary}) exports as {choices}, not {fmt!r}"
         )
-    if fmt not in FORMATS:
-        raise ExportError(f"format must be one of safetensors, onnx, hf; got {fmt!r}")
     return fmt
 
 
@@ -215,93 +220,34 @@ def _ranges(numbers: Sequence[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing and verifying
+# Measuring
 
 
-@contextlib.contextmanager
-def _quiet_exporter():  # type: ignore[no-untyped-def]
-    """The ONNX exporter logs and warns on stdout/stderr; keep `--json` stdout clean."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+def evaluate_configuration(family: Family, widths: Sequence[int], eval_set: EvalSet) -> float:
+    """Mean next-token loss (nats/token) of the configuration, computed in place.
+
+    The plain forward (`Family.logits`) is the reference every family's cached evaluator must
+    match, and the export's own verification proves the written files compute the same.
+    """
+    return evaluate_loss(family.logits, eval_set, list(widths), batch_size=family.eval_batch_size)
 
 
-def write_onnx(model: MatLM, path: Path) -> None:
-    """`input_ids` int64 [batch, seq] -> `logits` float32 [batch, seq, vocab], dynamic axes."""
-    config = model.config
-    example = torch.zeros((2, min(8, config.max_seq_len)), dtype=torch.long)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    seq = torch.export.Dim("seq", min=1, max=config.max_seq_len)
-    with _quiet_exporter():
-        try:
-            program = torch.onnx.export(
-                model,
-                (example,),
-                input_names=["input_ids"],
-                output_names=["logits"],
-                dynamic_shapes={"input_ids": {0: batch, 1: seq}},
-                dynamo=True,
-                verbose=False,
-            )
-        except Exception as exc:  # the exporter raises many internal types
-            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
-        program.save(str(path))
+def measure_configurations(
+    family: Family,
+    target: HardwareTarget,
+    configs: Sequence[Sequence[int]],
+    *,
+    on_round: Callable[[int], None] | None = None,
+) -> list[TimingStats]:
+    """End-to-end latency of each configuration on `target`, timed interleaved: the
+    profiler's generic measurement of the family as loaded (no `prepare_for_target`)."""
+    from mnm_search.profiler import measure_latency
+
+    return measure_latency(family, target, [list(c) for c in configs], on_round=on_round)
 
 
-def verify_onnx(path: Path, model: MatLM) -> float:
-    """Max abs difference between onnxruntime and torch logits on two input shapes."""
-    import onnxruntime as ort  # optional dependency, needed only here
-
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own error types (Fail, InvalidGraph, ...)
-        raise ExportError(
-            f"onnxruntime cannot load the {ONNX_FILE} just written for {user_path(path.parent)} "
-            f"({type(exc).__name__}: {exc}); the ONNX file was not written"
-        ) from exc
-    names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
-    if names != (["input_ids"], ["logits"]):
-        raise ExportError(
-            f"{user_path(path)} has inputs/outputs {names}, expected input_ids -> logits"
-        )
-    generator = torch.Generator().manual_seed(0)
-    worst = 0.0
-    # Two shapes: proves the batch and sequence axes are really dynamic.
-    for shape in ((2, min(16, model.config.max_seq_len)), (1, min(5, model.config.max_seq_len))):
-        ids = torch.randint(0, model.config.vocab_size, shape, generator=generator)
-        (logits,) = session.run(["logits"], {"input_ids": ids.numpy()})
-        with torch.inference_mode():
-            expected = model(ids)
-        if logits.dtype.name != "float32" or tuple(logits.shape) != tuple(expected.shape):
-            raise ExportError(
-                f"{path} returned {logits.dtype} {list(logits.shape)}, expected float32 "
-                f"{list(expected.shape)}"
-            )
-        worst = max(worst, float((torch.from_numpy(logits) - expected).abs().max()))
-    if not worst <= ONNX_TOLERANCE:
-        raise ExportError(
-            f"onnxruntime logits differ from torch by {worst:.3g} (> {ONNX_TOLERANCE:g}); "
-            f"the ONNX file was not written"
-        )
-    return worst
-
-
-@torch.inference_mode()
-def _logits_difference(universal: MatLM, widths: list[int], exported: MatLM) -> float:
-    config = universal.config
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (2, min(64, config.max_seq_len)), generator=generator)
-    return float((exported(ids) - universal(ids, widths)).abs().max())
-
-
-def _measure(model: MatLM, target: HardwareTarget) -> Any:
-    return measure_latency_ms(model, target)
+# ---------------------------------------------------------------------------------------------
+# Writing
 
 
 class _Exporter:
@@ -309,9 +255,9 @@ class _Exporter:
 
     def __init__(
         self,
-        checkpoint: Checkpoint,
+        family: Family,
         *,
-        fmt: str,
+        fmt: str | None,
         eval_set: EvalSet | None,
         data_name: str,
         latency_model: LatencyModel | None,
@@ -319,8 +265,8 @@ class _Exporter:
         provenance: dict[str, Any],
         on_progress: Progress | None,
     ) -> None:
-        self.checkpoint = checkpoint
-        self.fmt = check_format(fmt)
+        self.family = family
+        self.fmt = check_format(family, fmt)
         self.eval_set = eval_set
         self.data_name = data_name
         self.latency_model = latency_model
@@ -328,141 +274,139 @@ class _Exporter:
         self.provenance = provenance
         self.on_progress = on_progress or (lambda message: None)
 
-    def _timed(self, model: MatLM) -> tuple[float | None, float | None, float | None]:
-        if self.target is None:
-            return None, None, None
-        try:
-            stats = _measure(model, self.target)
-        except DeviceError as exc:  # e.g. a CUDA profile used on a CPU-only machine
-            self.on_progress(f"latency not measured: {exc}")
-            return None, None, None
-        return float(stats.median_ms), float(stats.p10_ms), float(stats.p90_ms)
+    def validate(self, member: Member) -> list[int]:
+        return self.family.validate_widths(list(member.widths))
 
     def write(self, directory: Path, member: Member) -> ExportReport:
-        """Write one export into an existing (temporary) directory and verify it there."""
-        universal, config = self.checkpoint.model, self.checkpoint.config
-        widths = validate_widths(member.widths, config)
-        compact = format_widths(widths, config)
-        self.on_progress(f"slicing {compact}")
-        sliced = slice_model(universal, widths)
+        """Measure one member, then write and verify it in an existing (temporary) directory."""
+        family = self.family
+        widths = self.validate(member)
+        compact = family.format_widths(widths)
         predicted = member.predicted_ms
         if self.latency_model is not None:
             predicted = self.latency_model.predict_ms(widths)
-        metadata: dict[str, Any] = {
-            "source_fingerprint": self.checkpoint.fingerprint,
-            "source_path": str(self.checkpoint.path) if self.checkpoint.path else None,
-            "mnm_version": __version__,
-            "export": {"format": self.fmt, "widths_compact": compact, **self.provenance},
+        quality, loss = self._quality(widths, compact, member)
+        latency, stats = self._latency(widths, compact, predicted)
+        params = family.param_count(widths)
+        export_info: dict[str, Any] = {
+            "format": self.fmt,
+            "widths_compact": compact,
+            **self.provenance,
         }
         if member.trial is not None:
-            metadata["export"]["trial"] = member.trial
-        try:
-            write_checkpoint_files(directory, sliced, metadata=metadata)
-        except CheckpointError as exc:  # e.g. disk full; the message names the file
-            raise ExportError(str(exc)) from exc
-
-        self.on_progress(f"verifying {compact}")
-        try:
-            exported = load_checkpoint(directory).model
-        except CheckpointError as exc:  # written a moment ago: the disk or a library failed
-            raise ExportError(
-                f"the export does not read back ({user_path(str(exc))}); nothing was written"
-            ) from exc
-        diff = _logits_difference(universal, widths, exported)
-        if not diff <= LOGITS_TOLERANCE:
-            raise ExportError(
-                f"exported {compact} differs from the universal model by {diff:.3g} "
-                f"(> {LOGITS_TOLERANCE:g}); nothing was written"
-            )
-        params = sum(p.numel() for p in exported.parameters())
-        expected_params = param_count(config, widths)
-        if params != expected_params:
-            raise ExportError(
-                f"exported {compact} holds {params:,} parameters, expected {expected_params:,}; "
-                f"nothing was written"
-            )
-        onnx_diff = None
-        files = [CONFIG_FILE, "model.safetensors"]
-        if self.fmt == "onnx":
-            self.on_progress(f"writing and checking {ONNX_FILE}")
-            write_onnx(exported, directory / ONNX_FILE)
-            onnx_diff = verify_onnx(directory / ONNX_FILE, exported)
-            files.append(ONNX_FILE)
-
-        loss = None
-        if self.eval_set is not None:
-            self.on_progress(f"evaluating {compact} on {self.eval_set.n_tokens:,} tokens")
-            loss = evaluate_loss(exported, self.eval_set)
-        if self.target is not None:
-            self.on_progress(f"timing {compact} and the full model on {self.target.name}")
-        measured, p10, p90 = self._timed(exported)
-        # Timed right after the export, so that both see the same machine load.
-        full_ms = self._timed(universal)[0] if measured is not None else None
+            export_info["trial"] = member.trial
+        metadata: dict[str, Any] = finite(
+            {
+                "source_fingerprint": family.fingerprint,
+                "source_path": str(family.path) if family.path else None,
+                "mnm_version": __version__,
+                "export": export_info,
+                "params": params,
+                "quality": quality,
+                "latency": latency,
+            }
+        )
+        self.on_progress(f"slicing {compact}, writing and verifying {self.fmt}")
+        facts = family.write_export(directory, widths, fmt=self.fmt, metadata=metadata)
+        metadata_file = facts.get("metadata_file", DEFAULT_METADATA_FILE)
+        files = [str(f) for f in facts.get("files", [metadata_file])]
+        member_stats, full_stats = stats if stats is not None else (None, None)
         report = ExportReport(
             path=directory,
-            widths=widths,
+            family=family.name,
+            format=self.fmt,
+            widths=list(widths),
             widths_compact=compact,
             params=params,
             loss=loss,
             eval_tokens=self.eval_set.n_tokens if self.eval_set is not None else None,
-            logits_max_abs_diff=diff,
-            onnx_max_abs_diff=onnx_diff,
+            logits_max_abs_diff=float(facts["verified_max_abs_diff"]),
+            onnx_max_abs_diff=facts.get("onnx_max_abs_diff"),
             predicted_ms=predicted,
-            measured_ms=measured,
-            measured_p10_ms=p10,
-            measured_p90_ms=p90,
-            full_model_ms=full_ms,
+            measured_ms=member_stats.median_ms if member_stats is not None else None,
+            measured_p10_ms=member_stats.p10_ms if member_stats is not None else None,
+            measured_p90_ms=member_stats.p90_ms if member_stats is not None else None,
+            full_model_ms=full_stats.median_ms if full_stats is not None else None,
+            latency_not_measured=(latency or {}).get("not_measured"),
             target=self.target.describe() if self.target is not None else None,
             trial=member.trial,
-            files=[*files, CARD_FILE],
+            source_fingerprint=family.fingerprint,
+            files=[*files, CARD_FILE] if CARD_FILE not in files else files,
+            quality=metadata["quality"],
+            latency=metadata["latency"],
+            verification=dict(facts.get("verification") or {}),
         )
-        metadata.update(self._measurements(report, member))
-        _rewrite_config(directory, metadata)
-        atomic_write_text(directory / CARD_FILE, model_card(report, self.checkpoint, metadata))
+        card = model_card(report, family, facts.get("card") or {}, metadata_file=metadata_file)
+        atomic_write_text(directory / CARD_FILE, card)
         return report
 
-    def _measurements(self, report: ExportReport, member: Member) -> dict[str, Any]:
-        quality = None
-        if report.loss is not None:
-            quality = {
-                "loss": round(report.loss, 6),
-                "perplexity": round(perplexity(report.loss), 4),
-                "eval_tokens": report.eval_tokens,
-                "data": self.data_name,
-                "search_loss": member.search_loss,
-            }
-        return {
-            "params": report.params,
-            "quality": quality,
-            "latency": {
-                "target": self.target.to_dict() if self.target is not None else None,
-                "predicted_ms": _round(report.predicted_ms),
-                "measured_ms": _round(report.measured_ms),
-                "measured_p10_ms": _round(report.measured_p10_ms),
-                "measured_p90_ms": _round(report.measured_p90_ms),
-                "error_pct": _round(report.latency_error_pct, 2),
-                "full_model_measured_ms": _round(report.full_model_ms),
-                "speedup_vs_full": _round(report.speedup_vs_full, 3),
-            },
-            "verification": {
-                "logits_max_abs_diff": report.logits_max_abs_diff,
-                "logits_tolerance": LOGITS_TOLERANCE,
-                "params_expected": param_count(self.checkpoint.config, report.widths),
-                "onnx_max_abs_diff": report.onnx_max_abs_diff,
-            },
+    def _quality(
+        self, widths: list[int], compact: str, member: Member
+    ) -> tuple[dict[str, Any] | None, float | None]:
+        if self.eval_set is None:
+            return None, None
+        self.on_progress(f"evaluating {compact} on {self.eval_set.n_tokens:,} tokens")
+        loss = float(evaluate_configuration(self.family, widths, self.eval_set))
+        quality: dict[str, Any] = {
+            "loss": round(loss, 6),
+            "perplexity": round(perplexity(loss), 4),
+            "eval_tokens": self.eval_set.n_tokens,
+            "data": self.data_name,
+            "search_loss": member.search_loss,
         }
+        if not math.isfinite(loss):  # JSON has no NaN: say why there is no number instead
+            quality["not_measured"] = (
+                f"the loss on {self.eval_set.n_tokens:,} tokens of {self.data_name} is {loss} "
+                "(overflow in this dtype, or a broken configuration)"
+            )
+        return quality, loss
+
+    def _latency(
+        self, widths: list[int], compact: str, predicted: float | None
+    ) -> tuple[dict[str, Any], tuple[TimingStats, TimingStats] | None]:
+        target = self.target
+        latency: dict[str, Any] = {
+            "target": target.to_dict() if target is not None else None,
+            "predicted_ms": _round(predicted),
+        }
+        if target is None:
+            return latency, None
+        full = self.family.full_widths()
+        configs = [widths] if list(widths) == list(full) else [widths, full]
+        label = f"timing {compact} and the full model on {target.name}"
+        self.on_progress(label)
+        try:
+            # As loaded: a family whose weights must be converted or moved to run on the
+            # target says why not (export never converts the model it writes).
+            stats = measure_configurations(
+                self.family,
+                target,
+                configs,
+                on_round=lambda done: self.on_progress(f"{label}: round {done}/{target.repeats}"),
+            )
+        except (ConfigError, DeviceError) as exc:  # e.g. a CUDA target on a CPU-only machine
+            self.on_progress(f"latency not measured: {exc}")
+            latency.update(measured_ms=None, not_measured=str(exc))
+            return latency, None
+        member, whole = stats[0], stats[-1]
+        latency.update(
+            measured_ms=_round(member.median_ms),
+            measured_p10_ms=_round(member.p10_ms),
+            measured_p90_ms=_round(member.p90_ms),
+            error_pct=(
+                _round(100.0 * (predicted - member.median_ms) / member.median_ms, 2)
+                if predicted is not None
+                else None
+            ),
+            full_model_measured_ms=_round(whole.median_ms),
+            speedup_vs_full=_round(whole.median_ms / member.median_ms, 3),
+            repeats=member.n,
+        )
+        return latency, (member, whole)
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def _rewrite_config(directory: Path, metadata: dict[str, Any]) -> None:
-    path = directory / CONFIG_FILE
-    config = json.loads(path.read_text())
-    config.update(metadata)
-    # Strict JSON: a NaN loss or latency is recorded as null, which every parser reads.
-    atomic_write_text(path, json_text(config) + "\n")
 
 
 _CARD_NUMBERS = (
@@ -475,89 +419,89 @@ _CARD_NUMBERS = (
 )
 
 
-def model_card(report: ExportReport, source: Checkpoint, metadata: dict[str, Any]) -> str:
-    """README.md of an export: what it is, how good and fast it is, how to load it."""
-    config = source.config
+def model_card(
+    report: ExportReport,
+    family: Family,
+    card: dict[str, Any],
+    *,
+    metadata_file: str = DEFAULT_METADATA_FILE,
+) -> str:
+    """README.md of an export: what it is, how good and fast it is, how to load it.
+
+    `card` holds the family's parts (`front_matter`, `title`, `about`, `rows`, `verified`,
+    `usage`); the measurements are the same for every family.
+    """
     # A NaN loss or latency (a diverged model, a failed timing) reads as "not measured".
     report = dataclasses.replace(
         report,
         **{key: finite(getattr(report, key)) for key in _CARD_NUMBERS},
     )
-    name = f"MatLM Mix'n'Match submodel {report.widths_compact}"
-    lines = [f"# {name}", ""]
+    title = card.get("title") or f"{family.name} Mix'n'Match submodel {report.widths_compact}"
+    lines = [card["front_matter"].rstrip("\n"), ""] if card.get("front_matter") else []
+    lines += [f"# {title}", ""]
+    if card.get("about"):
+        lines += [str(card["about"]).rstrip("\n"), ""]
+    listed = ",".join(map(str, report.widths))
+    compact = f" ({report.widths_compact})" if report.widths_compact != listed else ""
     lines += [
-        f"Physically sliced from the universal MatFormer checkpoint `{source.fingerprint}` "
-        f"({config.n_layers} layers, d_model {config.d_model}, d_ff {config.d_ff}) by "
-        f"`mnm export` {__version__}.",
-        "",
         "| | |",
         "|---|---|",
-        f"| FFN widths per layer | `{','.join(map(str, report.widths))}` "
-        f"({report.widths_compact}) |",
-        f"| parameters | {report.params:,} (full model: {param_count(config):,}) |",
+        f"| FFN widths per layer | `{listed}`{compact} |",
+        f"| parameters | {report.params:,} (full model: {family.param_count():,}) |",
     ]
+    lines += [f"| {label} | {value} |" for label, value in card.get("rows", [])]
     if report.trial is not None:
         lines.append(f"| search trial | {report.trial} |")
+    quality = report.quality or {}
     if report.loss is not None:
         lines.append(
             f"| validation loss | {report.loss:.4f} nats/token (perplexity "
             f"{perplexity(report.loss):.3f}) on {report.eval_tokens:,} tokens of "
-            f"{metadata['quality']['data']} |"
+            f"{quality.get('data')} |"
+        )
+    elif quality:  # the raw value (NaN, inf) is in the metadata file's reason
+        lines.append(
+            f"| validation loss | not a finite number on {report.eval_tokens:,} tokens of "
+            f"{quality.get('data')} (overflow in this dtype, or a broken configuration) |"
         )
     if report.target:
         lines.append(f"| target | {report.target} |")
     if report.predicted_ms is not None:
         lines.append(f"| predicted latency | {report.predicted_ms:.3f} ms |")
     if report.measured_ms is not None:
-        lines.append(
-            f"| measured latency | {report.measured_ms:.3f} ms (p10 {report.measured_p10_ms:.3f}"
-            f", p90 {report.measured_p90_ms:.3f}) |"
-        )
+        spread = ""
+        if report.measured_p10_ms is not None and report.measured_p90_ms is not None:
+            spread = f" (p10 {report.measured_p10_ms:.3f}, p90 {report.measured_p90_ms:.3f})"
+        lines.append(f"| measured latency | {report.measured_ms:.3f} ms{spread} |")
+    elif report.target:
+        lines.append(f"| measured latency | not measured{_reason(report.latency_not_measured)} |")
     if report.latency_error_pct is not None:
         lines.append(f"| prediction error | {report.latency_error_pct:+.1f} % |")
     if report.speedup_vs_full is not None:
         lines.append(
             f"| vs full model | {report.speedup_vs_full:.2f}x faster "
-            f"({report.full_model_ms:.3f} ms measured) |"
+            f"({report.full_model_ms:.3f} ms measured alongside) |"
         )
-    lines += [
-        f"| verified | logits max abs diff {report.logits_max_abs_diff:.2e} vs the universal "
-        f"model at these widths (tolerance {LOGITS_TOLERANCE:g}); exact parameter count |",
-    ]
-    if report.onnx_max_abs_diff is not None:
-        lines.append(
-            f"| ONNX | `{ONNX_FILE}` checked with onnxruntime: max abs diff "
-            f"{report.onnx_max_abs_diff:.2e} |"
-        )
+    verified = card.get("verified") or (
+        f"logits max abs diff {report.logits_max_abs_diff:.2e} vs the source model at these widths"
+    )
+    lines.append(f"| verified | {verified} |")
+    if card.get("usage"):
+        lines += ["", "## Use", "", str(card["usage"]).rstrip("\n")]
     lines += [
         "",
-        "## Use",
-        "",
-        "```python",
-        "import torch",
-        "from mnm_search import load_model",
-        "",
-        'model = load_model("path/to/this/directory")  # dense: no widths needed',
-        "logits = model(torch.tensor([list(b'Hello')]))  # [batch, seq, 256], byte tokens",
-        "```",
-    ]
-    if report.onnx_max_abs_diff is not None:
-        lines += [
-            "",
-            "```python",
-            "import numpy as np, onnxruntime as ort",
-            "",
-            f'session = ort.InferenceSession("{ONNX_FILE}")',
-            'ids = np.frombuffer(b"Hello", dtype=np.uint8).astype(np.int64)[None]',
-            '(logits,) = session.run(["logits"], {"input_ids": ids})',
-            "```",
-        ]
-    lines += [
-        "",
-        "All numbers above are also in `config.json` (`quality`, `latency`, `verification`).",
+        f"All numbers above are also in `{metadata_file}` (`quality`, `latency`, `verification`).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _reason(text: Any) -> str:
+    return f": {text}" if text else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
@@ -566,11 +510,11 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
 
 
 def export_submodel(
-    checkpoint: Checkpoint,
+    family: Family,
     member: Member | Sequence[int],
     out: str | Path,
     *,
-    fmt: str = "safetensors",
+    fmt: str | None = None,
     eval_set: EvalSet | None = None,
     data_name: str = "bundled validation text",
     latency_model: LatencyModel | None = None,
@@ -579,11 +523,14 @@ def export_submodel(
     overwrite: bool = False,
     on_progress: Progress | None = None,
 ) -> ExportReport:
-    """Slice, write, verify and atomically publish one configuration at `out`."""
+    """Measure, write, verify and atomically publish one configuration at `out`.
+
+    `fmt`: one of the family's `export_formats` (None: its first).
+    """
     out = Path(out)
     member = member if isinstance(member, Member) else Member(widths=list(member))
     exporter = _Exporter(
-        checkpoint,
+        family,
         fmt=fmt,
         eval_set=eval_set,
         data_name=data_name,
@@ -592,8 +539,8 @@ def export_submodel(
         provenance=provenance or {},
         on_progress=on_progress,
     )
-    validate_widths(member.widths, checkpoint.config)
-    refuse_overlap(out, {"the source checkpoint": checkpoint.path})
+    exporter.validate(member)
+    refuse_overlap(out, {"the source checkpoint": family.path})
     _refuse_existing(out, overwrite)
     with _atomic(out, overwrite) as tmp:
         report = exporter.write(tmp, member)
@@ -601,11 +548,11 @@ def export_submodel(
 
 
 def export_front(
-    checkpoint: Checkpoint,
+    family: Family,
     members: Sequence[Member],
     out: str | Path,
     *,
-    fmt: str = "safetensors",
+    fmt: str | None = None,
     eval_set: EvalSet | None = None,
     data_name: str = "bundled validation text",
     latency_model: LatencyModel | None = None,
@@ -619,7 +566,7 @@ def export_front(
     if not members:
         raise ExportError("nothing to export: the front is empty")
     exporter = _Exporter(
-        checkpoint,
+        family,
         fmt=fmt,
         eval_set=eval_set,
         data_name=data_name,
@@ -629,8 +576,8 @@ def export_front(
         on_progress=on_progress,
     )
     for member in members:
-        validate_widths(member.widths, checkpoint.config)
-    refuse_overlap(out, {"the source checkpoint": checkpoint.path})
+        exporter.validate(member)
+    refuse_overlap(out, {"the source checkpoint": family.path})
     _refuse_existing(out, overwrite)
     reports = []
     with _atomic(out, overwrite) as tmp:
@@ -656,6 +603,7 @@ def _summary_row(report: ExportReport) -> dict[str, Any]:
         "measured_ms": report.measured_ms,
         "error_pct": report.latency_error_pct,
         "speedup_vs_full": report.speedup_vs_full,
+        "max_abs_logit_diff": report.logits_max_abs_diff,
     }
 
 

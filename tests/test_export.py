@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+from mnm_search import checkpoint as checkpoint_module
 from mnm_search import export as export_module
-from mnm_search.checkpoint import Checkpoint, load_checkpoint
+from mnm_search.checkpoint import load_checkpoint
 from mnm_search.config import param_count
 from mnm_search.data import load_eval_set
 from mnm_search.errors import ExportError
@@ -22,14 +23,18 @@ from mnm_search.export import (
     pick_trial,
     pick_under_budget,
 )
+from mnm_search.families import load_family
+from mnm_search.families import matlm as matlm_module
+from mnm_search.families.base import Family
 from mnm_search.targets import HardwareTarget
 
 TINY_TARGET = HardwareTarget(name="tiny-prefill", seq_len=8, repeats=3, warmup=0)
 
 
 @pytest.fixture
-def checkpoint(tiny_checkpoint: Path) -> Checkpoint:
-    return load_checkpoint(tiny_checkpoint)
+def checkpoint(tiny_checkpoint: Path) -> Family:
+    """The tiny native checkpoint, as the one interface the exporter sees."""
+    return load_family(tiny_checkpoint)
 
 
 @pytest.mark.parametrize(
@@ -38,7 +43,7 @@ def checkpoint(tiny_checkpoint: Path) -> Checkpoint:
     ids=["full", "mixed", "skip", "all-skipped", "between-granularities"],
 )
 def test_export_matches_universal_model(
-    checkpoint: Checkpoint, tmp_path: Path, widths: list[int]
+    checkpoint: Family, tmp_path: Path, widths: list[int]
 ) -> None:
     out = tmp_path / "export"
     report = export_submodel(checkpoint, widths, out)
@@ -59,7 +64,7 @@ def test_export_matches_universal_model(
 
 
 def test_export_records_quality_and_latency(
-    checkpoint: Checkpoint, tmp_path: Path, eval_text_file: Path
+    checkpoint: Family, tmp_path: Path, eval_text_file: Path
 ) -> None:
     eval_set = load_eval_set(eval_text_file, seq_len=checkpoint.config.max_seq_len)
     report = export_submodel(
@@ -87,7 +92,7 @@ def test_export_records_quality_and_latency(
         assert text in card
 
 
-def test_existing_output_is_refused_and_kept(checkpoint: Checkpoint, tmp_path: Path) -> None:
+def test_existing_output_is_refused_and_kept(checkpoint: Family, tmp_path: Path) -> None:
     out = tmp_path / "export"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -99,14 +104,22 @@ def test_existing_output_is_refused_and_kept(checkpoint: Checkpoint, tmp_path: P
     assert load_checkpoint(out).config.ffn_widths == (8, 8, 8)
 
 
-@pytest.mark.parametrize("stage", ["_rewrite_config", "_logits_difference"])
+@pytest.mark.parametrize(
+    ("module", "stage"),
+    [(export_module, "atomic_write_text"), (matlm_module, "_logits_difference")],
+    ids=["model-card", "native-verification"],
+)
 def test_failure_half_way_leaves_nothing(
-    checkpoint: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+    checkpoint: Family,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    module: object,
+    stage: str,
 ) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export_module, stage, broken)
+    monkeypatch.setattr(module, stage, broken)
     # write() errors name no file: the message names the export and the fix.
     message = rf"disk full while writing {tmp_path / 'export'}: free space or choose another --out"
     with pytest.raises(ExportError, match=rf"^{message}; nothing was written$"):
@@ -115,10 +128,10 @@ def test_failure_half_way_leaves_nothing(
 
 
 def test_failure_half_way_through_a_front_leaves_nothing(
-    checkpoint: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    checkpoint: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes = []
-    real = export_module.write_checkpoint_files
+    real = checkpoint_module.write_checkpoint_files
 
     def fails_on_second(directory: Path, *args: object, **kwargs: object) -> None:
         writes.append(directory)
@@ -126,7 +139,7 @@ def test_failure_half_way_through_a_front_leaves_nothing(
             raise OSError(5, "Input/output error")
         real(directory, *args, **kwargs)
 
-    monkeypatch.setattr(export_module, "write_checkpoint_files", fails_on_second)
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint_files", fails_on_second)
     members = [Member([8, 8, 8], trial=1), Member([64, 64, 64], trial=2)]
     with pytest.raises(ExportError, match=f"input/output error on {tmp_path / 'front'}"):
         export_front(checkpoint, members, tmp_path / "front")
@@ -135,17 +148,15 @@ def test_failure_half_way_through_a_front_leaves_nothing(
 
 
 def test_verification_failure_is_an_error(
-    checkpoint: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    checkpoint: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(export_module, "_logits_difference", lambda *a: 0.5)
+    monkeypatch.setattr(matlm_module, "_logits_difference", lambda *a: 0.5)
     with pytest.raises(ExportError, match=r"differs from the universal model by 0.5"):
         export_submodel(checkpoint, [8, 16, 32], tmp_path / "export")
     assert not (tmp_path / "export").exists()
 
 
-def test_export_front_writes_one_directory_per_member(
-    checkpoint: Checkpoint, tmp_path: Path
-) -> None:
+def test_export_front_writes_one_directory_per_member(checkpoint: Family, tmp_path: Path) -> None:
     members = [Member([8, 8, 8], trial=3), Member([16, 32, 64], trial=12)]
     reports = export_front(checkpoint, members, tmp_path / "front")
     assert [r.path.name for r in reports] == ["trial-0003", "trial-0012"]
@@ -157,11 +168,12 @@ def test_export_front_writes_one_directory_per_member(
 
 @pytest.mark.parametrize(
     ("fmt", "message"),
-    [("hf", "Gemma 3n"), ("gguf", "must be one of safetensors, onnx, hf")],
+    [
+        ("hf", "exports as --format safetensors or --format onnx, not 'hf'"),
+        ("gguf", "exports as --format safetensors or --format onnx, not 'gguf'"),
+    ],
 )
-def test_unsupported_formats(
-    checkpoint: Checkpoint, tmp_path: Path, fmt: str, message: str
-) -> None:
+def test_unsupported_formats(checkpoint: Family, tmp_path: Path, fmt: str, message: str) -> None:
     with pytest.raises(ExportError, match=message):
         export_submodel(checkpoint, [8, 8, 8], tmp_path / "export", fmt=fmt)
     assert not (tmp_path / "export").exists()
@@ -220,3 +232,56 @@ def test_no_finished_trial() -> None:
 
 def test_front_members_cheapest_first() -> None:
     assert [m.trial for m in front_members(_trials(), results_dir="res")] == [0, 1, 3, 2]
+
+
+# --- one exporter for every family ---------------------------------------------------------
+
+
+def _native(tmp_path: Path, tiny_checkpoint: Path) -> tuple[Family, list[int], torch.Tensor]:
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    return load_family(tiny_checkpoint), [8, 0, 40], ids
+
+
+def _gemma3n(tmp_path: Path, tiny_checkpoint: Path) -> tuple[Family, list[int], torch.Tensor]:
+    pytest.importorskip("transformers")
+    from gemma3n_models import input_ids, save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "gemma3n-tiny")
+    return load_family(ckpt), [128, 64, 192, 256, 64, 0], input_ids(length=12)
+
+
+@pytest.mark.parametrize("make", [_native, _gemma3n], ids=["matlm", "gemma3n"])
+def test_generic_export_reloads_with_the_same_logits(
+    tmp_path: Path, tiny_checkpoint: Path, make: object
+) -> None:
+    family, widths, ids = make(tmp_path, tiny_checkpoint)  # type: ignore[operator]
+    eval_set = family.load_eval_set(None, max_tokens=64)
+    target = TINY_TARGET
+    out = tmp_path / "export"
+    report = export_submodel(family, Member(widths, trial=5), out, eval_set=eval_set, target=target)
+
+    assert report.family == family.name and report.format == family.export_formats[0]
+    assert report.path == out and report.widths == widths and report.trial == 5
+    assert report.params == family.param_count(widths)
+    assert report.logits_max_abs_diff <= 1e-4 and report.verification
+    assert report.loss is not None and report.quality["eval_tokens"] == eval_set.n_tokens
+    assert report.latency["target"]["name"] == "tiny-prefill"
+    assert set(report.files) <= {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()
+    assert family.fingerprint in card and ",".join(map(str, widths)) in card
+
+    reloaded = load_family(out)
+    assert reloaded.name == family.name
+    assert reloaded.param_count() == report.params
+    with torch.inference_mode():
+        diff = (reloaded.logits(ids) - family.logits(ids, widths)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_a_format_the_family_does_not_write_lists_its_formats(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    family = load_family(tiny_checkpoint)
+    with pytest.raises(ExportError, match=r"exports as --format safetensors or --format onnx"):
+        export_front(family, [Member([8, 8, 8], trial=0)], tmp_path / "x", fmt="hf")
+    assert not (tmp_path / "x").exists()

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mnm_search import export as export_module
 from mnm_search.checkpoint import load_checkpoint
 from mnm_search.cli import app
+from mnm_search.families import matlm as matlm_module
 
 # trial -> (widths, loss, latency_ms): the front by latency is 0, 2, 3, 4 (1 is dominated)
 TRIALS = {
@@ -123,7 +123,10 @@ def test_export_all_pareto(workdir: Path) -> None:
         (["--widths", "S,S,S", "--from", "res"], "either --widths W or --from"),
         (["--widths", "S,S"], "give 2 entries, but the checkpoint has 3 layers"),
         (["--widths", "S,S,Q"], "layer 2: unknown width 'Q'"),
-        (["--widths", "S,S,S", "--format", "hf"], "Gemma 3n"),
+        (
+            ["--widths", "S,S,S", "--format", "hf"],
+            "exports as --format safetensors or --format onnx",
+        ),
         (["--from", "nowhere", "--trial", "1"], "nowhere does not exist"),
     ],
 )
@@ -169,7 +172,7 @@ def test_failure_half_way_leaves_nothing(workdir: Path, monkeypatch: pytest.Monk
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export_module, "write_onnx", disk_full)
+    monkeypatch.setattr(matlm_module, "write_onnx", disk_full)
     result = run("--from", "res", "--all-pareto", "--format", "onnx", "--out", "front")
     assert result.exit_code == 1
     assert "disk full while writing front: free space or choose another --out" in result.output

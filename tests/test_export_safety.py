@@ -29,10 +29,10 @@ from test_export_cli import write_results
 from typer.testing import CliRunner
 
 from mnm_search._files import refuse_overlap
-from mnm_search.checkpoint import load_checkpoint
 from mnm_search.cli import app
 from mnm_search.errors import OverlapError
 from mnm_search.export import Member, export_front, export_submodel
+from mnm_search.families import load_family
 
 FAST_TARGET = "device: cpu\nphase: prefill\nseq_len: 8\nrepeats: 3\nwarmup: 0\n"
 # Timing thousands of repeats keeps an export inside its temporary directory for seconds,
@@ -141,7 +141,7 @@ def test_refuse_overlap(
 
 
 def test_library_export_refuses_its_source_checkpoint(tiny_checkpoint: Path) -> None:
-    checkpoint = load_checkpoint(tiny_checkpoint)
+    checkpoint = load_family(tiny_checkpoint)
     before = _tree_digest(tiny_checkpoint)
     for out in (tiny_checkpoint, tiny_checkpoint.parent):
         with pytest.raises(OverlapError, match="the source checkpoint"):
@@ -237,8 +237,6 @@ def test_killed_gemma3n_export_is_cleaned_by_the_next(
     pytest.importorskip("transformers")
     from gemma3n_models import save_tiny_checkpoint
 
-    from mnm_search.families.gemma3n import Gemma3nFamily
-
     ckpt = save_tiny_checkpoint(workdir / "gemma3n-tiny")
     out = workdir / "exports" / "small"
     args = ["export", str(ckpt), "--widths", "128*6", "--out", str(out)]
@@ -251,12 +249,12 @@ def test_killed_gemma3n_export_is_cleaned_by_the_next(
     assert _bytes_under(workdir / "tmpdir") < 1024
 
     # The next export cleans up; a NaN loss is recorded as null (strict JSON).
-    monkeypatch.setattr(Gemma3nFamily, "evaluate_loss", lambda self, *a, **k: math.nan)
+    monkeypatch.setattr("mnm_search.export.evaluate_configuration", lambda *a, **k: math.nan)
     result = _invoke([*args, "--force", "--json"])
     assert result.exit_code == 0, result.output
     assert temporaries(out) == [] and list(out.parent.glob(".*tmp*")) == []
     info = _strict_json(out / "mnm.json")
-    assert info["quality"] is None and "nan" in info["quality_not_measured"]
+    assert info["quality"]["loss"] is None and "nan" in info["quality"]["not_measured"]
     _assert_modes(out)
 
 
@@ -277,7 +275,7 @@ def test_native_exports_get_ordinary_modes(
     result = _invoke([*args, "--target", "fast.yaml", "--max-tokens", "64"])
     assert result.exit_code == 0, result.output
     _assert_modes(workdir / "single")
-    checkpoint = load_checkpoint(tiny_checkpoint)
+    checkpoint = load_family(tiny_checkpoint)
     members = [Member([8, 8, 8], trial=3), Member([64, 64, 64], trial=7)]
     export_front(checkpoint, members, workdir / "front")
     _assert_modes(workdir / "front")
@@ -289,7 +287,7 @@ def test_native_exports_get_ordinary_modes(
 def test_modes_follow_a_stricter_umask(tiny_checkpoint: Path, tmp_path: Path) -> None:
     old = os.umask(0o027)
     try:
-        export_submodel(load_checkpoint(tiny_checkpoint), [8, 8, 8], tmp_path / "x")
+        export_submodel(load_family(tiny_checkpoint), [8, 8, 8], tmp_path / "x")
     finally:
         os.umask(old)
     _assert_modes(tmp_path / "x", 0o640, 0o750)
@@ -311,8 +309,8 @@ def test_nan_measurements_are_null_in_the_files(
     from mnm_search.data import load_eval_set
 
     monkeypatch.setattr("mnm_search.export.evaluate_loss", lambda *a, **k: math.nan)
-    checkpoint = load_checkpoint(tiny_checkpoint)
-    eval_set = load_eval_set(None, seq_len=checkpoint.config.max_seq_len, max_tokens=64)
+    checkpoint = load_family(tiny_checkpoint)
+    eval_set = load_eval_set(None, seq_len=checkpoint.eval_seq_len, max_tokens=64)
     member = Member([8, 8, 8], trial=0, predicted_ms=math.inf, search_loss=math.nan)
     export_submodel(checkpoint, member, tmp_path / "x", eval_set=eval_set)
     config = _strict_json(tmp_path / "x" / "config.json")

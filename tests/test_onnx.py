@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from mnm_search import export as export_module
-from mnm_search.checkpoint import load_checkpoint
 from mnm_search.errors import ExportError
 from mnm_search.export import export_submodel
+from mnm_search.families import load_family
+from mnm_search.families import matlm as matlm_module
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -23,7 +23,7 @@ ort = pytest.importorskip("onnxruntime")
 def test_onnx_export_matches_universal_model(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    checkpoint = load_checkpoint(tiny_checkpoint)
+    checkpoint = load_family(tiny_checkpoint)
     widths = [8, 0, 64]
     out = tmp_path / "export"
     # Everything is written beside --out: nothing through tempfile's default directory.
@@ -61,8 +61,8 @@ def test_onnx_export_matches_universal_model(
 def test_onnx_mismatch_is_refused(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    checkpoint = load_checkpoint(tiny_checkpoint)
-    monkeypatch.setattr(export_module, "ONNX_TOLERANCE", -1.0)  # any difference fails
+    checkpoint = load_family(tiny_checkpoint)
+    monkeypatch.setattr(matlm_module, "ONNX_TOLERANCE", -1.0)  # any difference fails
     with pytest.raises(ExportError, match="onnxruntime logits differ"):
         export_submodel(checkpoint, [8, 8, 8], tmp_path / "export", fmt="onnx")
     assert not (tmp_path / "export").exists()
@@ -74,10 +74,10 @@ def test_unloadable_onnx_file_is_an_export_error(
     def truncated(model: object, path: Path) -> None:
         path.write_bytes(b"\x08\x07not a protobuf")
 
-    monkeypatch.setattr(export_module, "write_onnx", truncated)
+    monkeypatch.setattr(matlm_module, "write_onnx", truncated)
     out = tmp_path / "export"
     with pytest.raises(
         ExportError, match=f"onnxruntime cannot load the model.onnx just written for {out} "
     ):
-        export_submodel(load_checkpoint(tiny_checkpoint), [8, 8, 8], out, fmt="onnx")
+        export_submodel(load_family(tiny_checkpoint), [8, 8, 8], out, fmt="onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-ckpt"]

@@ -1,4 +1,5 @@
-"""`mnm export`: sliced, verified submodels from explicit widths or from search results."""
+"""`mnm export`: sliced, verified submodels of any model family, from explicit widths or from
+search results."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from mnm_search._files import refuse_overlap
-from mnm_search.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
+from mnm_search.checkpoint import default_checkpoint_path
 from mnm_search.cli._common import (
     DEFAULT_EVAL_TOKENS,
     PROGRESS_LOG_SECONDS,
@@ -24,17 +25,13 @@ from mnm_search.cli._common import (
     StepOpt,
     add_number_column,
     err,
-    family_of,
     loss_label,
     out,
     print_json,
-    refuse_step,
     user_errors,
 )
 from mnm_search.cli._pareto import Results
 from mnm_search.cli._profile import load_profile_for
-from mnm_search.config import parse_widths
-from mnm_search.data import load_eval_set
 from mnm_search.errors import ConfigError, ExportError
 from mnm_search.export import (
     ExportReport,
@@ -46,9 +43,12 @@ from mnm_search.export import (
     pick_trial,
     pick_under_budget,
 )
-from mnm_search.families import GEMMA3N
+from mnm_search.families import load_family
 from mnm_search.latency import LatencyModel
 from mnm_search.targets import HardwareTarget, default_target, load_target
+
+if TYPE_CHECKING:
+    from mnm_search.families.base import Family
 
 
 def _source_path(ckpt: Path | None, results: Results | None) -> Path | None:
@@ -65,25 +65,28 @@ def _source_path(ckpt: Path | None, results: Results | None) -> Path | None:
     return path
 
 
-def _checkpoint_for(ckpt: Path | None, results: Results | None) -> Checkpoint:
-    """The checkpoint to slice: CKPT, else the one the search ran on; it must match the search."""
+def check_matches_search(family: Family, results: Results | None) -> None:
+    """Refuse a checkpoint other than the one the search ran on (any family): the results'
+    widths and losses apply only to that one."""
     if results is None:
-        return load_checkpoint(ckpt)
-    checkpoint = load_checkpoint(_source_path(ckpt, results))
+        return
     expected = results.run_info.get("fingerprint")
-    if expected and expected != checkpoint.fingerprint:
-        # CKPT is None when the search's own checkpoint (or the embedded default) was loaded.
-        source = checkpoint.path or "the embedded default checkpoint"
+    if expected and expected != family.fingerprint:
+        # No CKPT: the search's own checkpoint (or the embedded default) was loaded.
+        source = family.path or "the embedded default checkpoint"
         raise ExportError(
             f"{results.dir} was searched on checkpoint {expected}, but {source} is "
-            f"{checkpoint.fingerprint}; its widths and losses do not apply to this checkpoint"
+            f"{family.fingerprint}; its widths and losses do not apply to this checkpoint"
         )
-    return checkpoint
 
 
-def default_measurement_target(checkpoint: Checkpoint) -> HardwareTarget:
-    """cpu-prefill; a model shorter than its 128 tokens is timed at its own length."""
-    return cpu_prefill_target(max_len=checkpoint.config.max_seq_len)
+def default_measurement_target(family: Family) -> HardwareTarget:
+    """cpu-prefill in the checkpoint's own dtype (export never converts the model); a model
+    shorter than its 128 tokens is timed at its own length."""
+    dtype = family.describe().get("dtype")
+    return cpu_prefill_target(
+        max_len=family.eval_seq_len, dtype=str(dtype).removeprefix("torch.") if dtype else None
+    )
 
 
 def cpu_prefill_target(*, max_len: int, dtype: str | None = None) -> HardwareTarget:
@@ -104,7 +107,7 @@ def cpu_prefill_target(*, max_len: int, dtype: str | None = None) -> HardwareTar
 
 
 def _latency_model(
-    profile: Path | None, results: Results | None, checkpoint: Any
+    profile: Path | None, results: Results | None, family: Family
 ) -> LatencyModel | None:
     """--profile, else the profile the search used (if it is still there)."""
     if profile is None and results is not None:
@@ -115,7 +118,7 @@ def _latency_model(
             profile = Path(recorded)
     if profile is None:
         return None
-    return load_profile_for(checkpoint, profile)
+    return load_profile_for(family, profile)
 
 
 def _members(
@@ -169,10 +172,13 @@ def _show(reports: list[ExportReport], out_dir: Path, data_name: str) -> None:
     if len(errors) > 1:
         mape = sum(errors) / len(errors)
         out.print(f"latency prediction MAPE over {len(errors)} exports: {mape:.1f}%")
-    if reports[0].target:
+    if reports[0].latency_not_measured:
+        out.print(f"latency not measured: {reports[0].latency_not_measured}", highlight=False)
+    elif reports[0].target and reports[0].measured_ms is not None:
         out.print(
-            f"measured on {reports[0].target}; vs full: speed-up over the full universal "
-            f"model, measured right after each export"
+            f"measured on {reports[0].target}; vs full: speed-up over the full model, timed "
+            f"alongside (interleaved)",
+            highlight=False,
         )
 
 
@@ -232,7 +238,8 @@ def export(
         str | None,
         typer.Option(
             "--format",
-            help="safetensors (native default), onnx (adds model.onnx), hf (Gemma 3n default).",
+            help="One of the family's export formats (default: its first): safetensors or "
+            "onnx (native MatLM: onnx adds model.onnx), hf (Gemma 3n).",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
@@ -255,9 +262,9 @@ def export(
 ) -> None:
     """Write a physically sliced, verified submodel (config.json, safetensors, model card).
 
-    A Gemma 3n checkpoint exports with --format hf: sharded safetensors, config.json with
-    per-layer intermediate_size, tokenizer and model card, reloaded with transformers and
-    compared with the in-place sliced model before anything is published.
+    Every family writes its own format (see --format), verified against the in-place forward
+    before anything is published: a native checkpoint as config.json + model.safetensors
+    (+ model.onnx), a Gemma 3n one as a transformers directory (--format hf).
 
     Example: mnm export --from results/default --max-latency-ms 5 --out my-model
     """
@@ -282,41 +289,31 @@ def export(
     )
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} already exists; choose another --out or pass --force")
-    if source is not None and family_of(source) == GEMMA3N:
-        _export_gemma3n(
-            source,
-            results,
-            out_dir,
-            widths=widths,
-            choice={"trial": trial, "max_latency_ms": max_latency_ms, "all_pareto": all_pareto},
-            fmt=fmt,
-            profile=profile,
-            target=target,
-            data=data,
-            max_tokens=max_tokens,
-            overwrite=force,
-            as_json=as_json,
-            step=step,
-        )
-        return
-    refuse_step(step)
-    fmt = check_format(fmt or "safetensors")
-    checkpoint = _checkpoint_for(ckpt, results)
+    if results is not None and step is None:
+        step = results.run_info.get("step")  # the widths were chosen with the search's step
+    # The structure first (instant): a real checkpoint's weights take minutes to read, and
+    # a wrong format, checkpoint or widths is a clear error before that.
+    structure = load_family(source, weights=False, step=step)
+    fmt = check_format(structure, fmt)
+    check_matches_search(structure, results)
     if results is None:
-        members = [Member(widths=parse_widths(widths or "", checkpoint.config))]
+        members = [Member(widths=structure.parse_widths(widths or ""))]
     else:
         members = _members(
             results, trial=trial, max_latency_ms=max_latency_ms, all_pareto=all_pareto
         )
-    latency_model = _latency_model(profile, results, checkpoint)
+    for member in members:
+        structure.validate_widths(member.widths)
+    family = structure if structure.has_weights else load_family(source, step=step)
+    latency_model = _latency_model(profile, results, family)
     measure_on: HardwareTarget
     if target is not None:
         measure_on = load_target(target)
     elif latency_model is not None:
         measure_on = latency_model.target
     else:
-        measure_on = default_measurement_target(checkpoint)
-    eval_set = load_eval_set(data, seq_len=checkpoint.config.max_seq_len, max_tokens=max_tokens)
+        measure_on = default_measurement_target(family)
+    eval_set = family.load_eval_set(data, max_tokens=max_tokens)
     options: dict[str, Any] = {
         "fmt": fmt,
         "eval_set": eval_set,
@@ -329,68 +326,11 @@ def export(
     with export_progress() as on_progress:
         options["on_progress"] = on_progress
         if all_pareto:
-            reports = export_front(checkpoint, members, out_dir, **options)
+            reports = export_front(family, members, out_dir, **options)
         else:
-            reports = [export_submodel(checkpoint, members[0], out_dir, **options)]
+            reports = [export_submodel(family, members[0], out_dir, **options)]
     if as_json:
         data_out = [r.to_dict() for r in reports]
         print_json({"out": str(out_dir), "exports": data_out} if all_pareto else data_out[0])
         return
     _show(reports, out_dir, options["data_name"])
-
-
-def _export_gemma3n(
-    source: Path,
-    results: Results | None,
-    out_dir: Path,
-    *,
-    widths: str | None,
-    choice: dict[str, Any],
-    fmt: str | None,
-    profile: Path | None,
-    target: Path | None,
-    data: Path | None,
-    max_tokens: int,
-    overwrite: bool,
-    as_json: bool,
-    step: int | None,
-) -> None:
-    from mnm_search.cli import _gemma3n
-    from mnm_search.families import load_gemma3n
-
-    if fmt not in (None, "hf"):  # before loading: a real checkpoint takes minutes to read
-        raise ExportError(
-            f"a Gemma 3n checkpoint exports as --format hf (a transformers directory), not {fmt}"
-        )
-    if results is not None and step is None:
-        step = results.run_info.get("step")  # the widths were chosen with the search's step
-    family = load_gemma3n(source, step=step)
-    members: list[tuple[int | None, list[int]]]
-    if results is None:
-        members = [(None, family.parse_widths(widths or ""))]
-    else:
-        _gemma3n.check_ckpt_matches(family, results.run_info.get("fingerprint"), results.dir)
-        members = [(m.trial, m.widths) for m in _members(results, **choice)]
-    latency_model = _latency_model(profile, results, family)
-    if target is not None:
-        measure_on = load_target(target)
-    elif latency_model is not None:
-        measure_on = latency_model.target
-    else:
-        # In the checkpoint's own dtype: export never converts the model.
-        measure_on = cpu_prefill_target(
-            max_len=int(family.config.max_position_embeddings),
-            dtype=str(family.dtype).removeprefix("torch."),
-        )
-    _gemma3n.export(
-        members,
-        out_dir,
-        family=family,
-        data=data,
-        max_tokens=max_tokens,
-        latency_model=latency_model,
-        target=measure_on,
-        provenance={"results_dir": str(results.dir)} if results is not None else {},
-        overwrite=overwrite,
-        as_json=as_json,
-    )

@@ -1,219 +1,139 @@
-"""Export of Gemma 3n configurations as verified Hugging Face checkpoints, with measurements.
+"""What `Gemma3nFamily.write_export` writes: a verified Hugging Face checkpoint directory.
 
-`Gemma3nFamily.export_hf` writes and verifies one directory; this adds what `mnm export`
-records next to it (loss on the user's data, predicted latency, the search trial) and the
-all-or-nothing export of a whole Pareto front.
+`Gemma3nFamily.export_hf` streams the slice to disk (sharded safetensors, `config.json` with
+per-layer `intermediate_size`, the source tokenizer files, `mnm.json`) and reloads it with
+transformers to compare its logits with the in-place sliced model. `mnm_search.export` does
+the rest around it (choosing members, the atomic directory, loss, measured latency, model
+card, `front.csv`).
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Sequence
+import os
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from safetensors import SafetensorError
 
-from mnm_search._files import atomic_directory, describe_os_error, finite, refuse_overlap
-from mnm_search.config import run_length_widths
-from mnm_search.data import EvalSet
-from mnm_search.errors import ConfigError, DeviceError, ExportError, MnmError
-from mnm_search.evaluator import perplexity
-from mnm_search.families.gemma3n import EXPORT_INFO_FILE, Gemma3nFamily
-from mnm_search.families.gemma3n_profile import measure_gemma3n_latency
-from mnm_search.latency import LatencyModel
-from mnm_search.targets import HardwareTarget
+from mnm_search._files import describe_os_error, finite
+from mnm_search.errors import ExportError
 
-Progress = Callable[[str], None]
+if TYPE_CHECKING:
+    from mnm_search.families.gemma3n import Gemma3nFamily
+
+HF_FORMAT = "hf"
+_STAGING = ".hf-export"  # export_hf's own destination, inside the caller's temporary directory
+
+FRONT_MATTER = """---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- gemma3n
+- matformer
+- mix-n-match
+- mnm
+---"""
+
+USAGE = """```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
+```"""
 
 
-def export_gemma3n(
+def write_gemma3n_export(
     family: Gemma3nFamily,
-    members: Sequence[tuple[int | None, Sequence[int]]],
-    out: str | Path,
-    *,
-    eval_set: EvalSet | None = None,
-    data_name: str = "bundled validation text",
-    latency_model: LatencyModel | None = None,
-    target: HardwareTarget | None = None,
-    provenance: dict[str, Any] | None = None,
-    overwrite: bool = False,
-    max_shard_size: int | str = "2GB",
-    on_progress: Progress | None = None,
-) -> list[dict[str, Any]]:
-    """Export `(trial, widths)` members as HF checkpoints; one member goes to `out` itself,
-    several to `out/trial-NNNN/` plus `out/front.csv` (all or nothing). Returns one report
-    (what `mnm.json` records) per member.
-
-    With a `target` (default: the latency model's), each member's in-place sliced model (which
-    computes what the written checkpoint computes) is timed interleaved with the full model;
-    a target the loaded model cannot run as is (another device or dtype) records why not.
-    """
-    if not members:
-        raise ExportError("nothing to export: the front is empty")
-    for _, widths in members:
-        family.validate_widths(list(widths))
-    out = Path(out)
-    refuse_overlap(out, {"the source checkpoint": family.path})
-    progress = on_progress or (lambda message: None)
-    options: dict[str, Any] = {
-        "eval_set": eval_set,
-        "data_name": data_name,
-        "latency_model": latency_model,
-        "target": target if target is not None else getattr(latency_model, "target", None),
-        "provenance": provenance,
-        "max_shard_size": max_shard_size,
-        "progress": progress,
-    }
-    if len(members) == 1:
-        trial, widths = members[0]
-        return [_export_one(family, trial, widths, out, overwrite=overwrite, **options)]
-    reports = []
-    try:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            for index, (trial, widths) in enumerate(members):
-                name = f"trial-{trial:04d}" if trial is not None else f"member-{index}"
-                progress(f"[{index + 1}/{len(members)}] {name}")
-                report = _export_one(family, trial, widths, tmp / name, **options)
-                reports.append({**report, "path": str(out / name)})
-            pd.DataFrame([_summary_row(r) for r in reports]).to_csv(tmp / "front.csv", index=False)
-    except MnmError:
-        raise
-    except OSError as exc:
-        raise ExportError(f"{describe_os_error(exc, out)}; nothing was written") from exc
-    return reports
-
-
-def _export_one(
-    family: Gemma3nFamily,
-    trial: int | None,
+    directory: Path,
     widths: Sequence[int],
-    out: Path,
     *,
-    eval_set: EvalSet | None,
-    data_name: str,
-    latency_model: LatencyModel | None,
-    target: HardwareTarget | None,
-    provenance: dict[str, Any] | None,
-    max_shard_size: int | str,
-    progress: Progress,
-    overwrite: bool = False,
+    fmt: str,
+    metadata: dict[str, Any],
+    max_shard_size: int | str = "2GB",
 ) -> dict[str, Any]:
-    widths = list(widths)
-    compact = run_length_widths(widths)
-    metadata: dict[str, Any] = {"widths_compact": compact, "trial": trial, **(provenance or {})}
-    # Measured on the in-place sliced model before writing: export_hf verifies that the
-    # written checkpoint computes the same logits.
-    if eval_set is not None:
-        progress(f"evaluating {compact} on {eval_set.n_tokens:,} tokens")
-        loss = family.evaluate_loss(widths, eval_set)
-        if math.isfinite(loss):
-            metadata["quality"] = {
-                "loss": round(loss, 6),
-                "perplexity": round(perplexity(loss), 4),
-                "eval_tokens": eval_set.n_tokens,
-                "data": data_name,
-            }
-        else:  # JSON has no NaN: say why there is no number instead
-            metadata["quality"] = None
-            metadata["quality_not_measured"] = (
-                f"the loss on {eval_set.n_tokens:,} tokens of {data_name} is {loss} "
-                "(overflow in this dtype, or a broken configuration)"
-            )
-    predicted = latency_model.predict_ms(widths) if latency_model is not None else None
-    if target is not None:
-        metadata["latency"] = {
-            "target": target.to_dict(),
-            "predicted_ms": _round(predicted),
-            **_measured_latency(family, target, widths, predicted, progress),
-        }
-    elif latency_model is not None:
-        metadata["latency"] = {
-            "target": latency_model.target.to_dict(),
-            "predicted_ms": _round(predicted),
-        }
-    progress(f"writing and verifying {compact}")
+    """Write the configuration into the empty `directory` as a transformers checkpoint,
+    verified by reloading it; the facts for `mnm_search.export`'s report and model card."""
+    from mnm_search.families.gemma3n import EXPORT_INFO_FILE
+
+    if fmt != HF_FORMAT:
+        raise ExportError(
+            f"a Gemma 3n checkpoint exports as --format {HF_FORMAT} (a transformers "
+            f"directory), not {fmt!r}"
+        )
+    directory = Path(directory)
+    staging = directory / _STAGING
     try:
+        # export_hf publishes atomically itself: into a staging directory inside ours (its
+        # temporaries stay inside our temporary directory), then moved up.
         family.export_hf(
-            widths,
-            out,
-            overwrite=overwrite,
-            # Strict JSON in mnm.json: a NaN loss or latency is recorded as null.
+            list(widths),
+            staging,
             metadata=finite(metadata),
             max_shard_size=max_shard_size,
         )
+        for entry in sorted(staging.iterdir()):
+            os.replace(entry, directory / entry.name)
+        staging.rmdir()
     except OSError as exc:
-        raise ExportError(f"{describe_os_error(exc, out)}; nothing was written") from exc
+        raise ExportError(f"{describe_os_error(exc, directory)}; nothing was written") from exc
     except SafetensorError as exc:
         # Shards are written by mnm's own writer (OSError); safetensors only reads the source.
         raise ExportError(
             f"reading the weights of {family.path} failed ({exc}): the checkpoint is corrupt "
-            f"or truncated; re-copy it. Nothing was written to {out}"
+            f"or truncated; re-copy it. Nothing was written"
         ) from exc
-    return {"path": str(out), **json.loads((out / EXPORT_INFO_FILE).read_text())}
-
-
-def _measured_latency(
-    family: Gemma3nFamily,
-    target: HardwareTarget,
-    widths: list[int],
-    predicted: float | None,
-    progress: Progress,
-) -> dict[str, Any]:
-    dtype = str(family.dtype).removeprefix("torch.")
-    if target.dtype != dtype:
-        return {
-            "measured_ms": None,
-            "not_measured": f"target {target.name!r} runs in {target.dtype}, but the checkpoint "
-            f"is {dtype} and export never converts it; time it with a {dtype} target",
-        }
-    full = family.full_widths()
-    configs = [widths] if widths == full else [widths, full]
-    label = f"timing {run_length_widths(widths)} and the full model on {target.name}"
-    progress(label)
-    try:
-        stats = measure_gemma3n_latency(
-            family,
-            target,
-            configs,
-            on_round=lambda done: progress(f"{label}: round {done}/{target.repeats}"),
-        )
-    except (ConfigError, DeviceError) as exc:  # e.g. a CUDA target, the model on the CPU
-        return {"measured_ms": None, "not_measured": str(exc)}
-    member, whole = stats[0], stats[-1]
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    info = json.loads((directory / EXPORT_INFO_FILE).read_text(encoding="utf-8"))
+    verification = info.get("verification") or {}
+    files = sorted(p.name for p in directory.iterdir() if p.is_file())
     return {
-        "measured_ms": _round(member.median_ms),
-        "measured_p10_ms": _round(member.p10_ms),
-        "measured_p90_ms": _round(member.p90_ms),
-        "error_pct": (
-            _round(100.0 * (predicted - member.median_ms) / member.median_ms, 2)
-            if predicted is not None
-            else None
-        ),
-        "full_model_measured_ms": _round(whole.median_ms),
-        "speedup_vs_full": _round(whole.median_ms / member.median_ms, 3),
-        "repeats": member.n,
+        "verified_max_abs_diff": verification.get("max_abs_logit_diff"),
+        "verification": verification,
+        "files": files,
+        "metadata_file": EXPORT_INFO_FILE,
+        "card": _card(family, info),
     }
 
 
-def _round(value: float | None, digits: int = 4) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def _summary_row(report: dict[str, Any]) -> dict[str, Any]:
-    quality = report.get("quality") or {}
-    latency = report.get("latency") or {}
+def _card(family: Gemma3nFamily, info: dict[str, Any]) -> dict[str, Any]:
+    source = info.get("source_path") or "an in-memory Gemma 3n model"
+    widths = info["widths"]
+    skipped = info["skipped_layers"]
+    check = info.get("verification") or {}
+    verified = (
+        f"reloaded with `from_pretrained` (transformers {check['transformers']}): logits "
+        f"match the in-place sliced source model to {check['max_abs_logit_diff']:.2e} (max "
+        f"abs, {check['probe_tokens']} probe tokens)"
+        if check.get("verified")
+        else "not verified after export"
+    )
     return {
-        "directory": Path(report["path"]).name,
-        "trial": report.get("trial"),
-        "widths": ",".join(map(str, report["widths"])),
-        "loss": quality.get("loss"),
-        "params": report["params"],
-        "effective_params": report["effective_params"],
-        "predicted_ms": latency.get("predicted_ms"),
-        "measured_ms": latency.get("measured_ms"),
-        "speedup_vs_full": latency.get("speedup_vs_full"),
-        "max_abs_logit_diff": report["verification"].get("max_abs_logit_diff"),
+        "front_matter": FRONT_MATTER,
+        "title": "Gemma 3n Mix'n'Match submodel",
+        "about": (
+            f"> This is a submodel sliced from `{source}` (fingerprint "
+            f"`{info['source_fingerprint']}`) by\n"
+            "> `mnm` (Mix'n'Match search) without retraining. Gemma 3n is a MatFormer: the "
+            "first neurons\n"
+            "> of each FFN form a working smaller FFN, so a slice keeps those neurons and "
+            "drops whole layers.\n"
+            "> It is not the original model; its use is subject to the original model's "
+            "license (Gemma terms)."
+        ),
+        "rows": [
+            [
+                "layers kept",
+                f"{len(widths) - len(skipped)} of {len(widths)}; skipped: {skipped or 'none'}",
+            ],
+            [
+                "FFN hidden dims per kept layer (`intermediate_size`)",
+                f"{info['intermediate_size']}",
+            ],
+            ["effective parameters (without embedding tables)", f"{info['effective_params']:,}"],
+        ],
+        "verified": verified,
+        "usage": USAGE,
     }

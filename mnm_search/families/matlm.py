@@ -194,7 +194,7 @@ class MatLMFamily(Family):
     def write_export(
         self, directory: Path, widths: Sequence[int], *, fmt: str, metadata: dict[str, Any]
     ) -> dict[str, Any]:
-        raise NotImplementedError("moved here from export.py (issue 12, in progress)")
+        return write_native_export(self, directory, widths, fmt=fmt, metadata=metadata)
 
 
 class MatLMSteps(LayerSteps):
@@ -268,3 +268,227 @@ class MatLMDecoder(Decoder):
     @property
     def length(self) -> int:
         return 0 if self._cache is None else self._cache.length
+
+
+# ------------------------------------------------------------------------------ export
+# What `MatLMFamily.write_export` writes: the physically sliced model as a native checkpoint
+# (config.json + model.safetensors), reloaded and compared with the universal model, and with
+# `fmt="onnx"` also model.onnx, checked through onnxruntime. `mnm_search.export` does the rest.
+
+LOGITS_TOLERANCE = 1e-5  # exported vs universal, fp32: the same arithmetic, up to op order
+ONNX_TOLERANCE = 1e-4  # onnxruntime fuses and reorders ops; differences stay ~1e-7 in practice
+ONNX_FILE = "model.onnx"
+
+
+def write_native_export(
+    family: MatLMFamily,
+    directory: Path,
+    widths: Sequence[int],
+    *,
+    fmt: str,
+    metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """Write and verify the sliced configuration in `directory`; the facts for the report."""
+    import json
+
+    from mnm_search import __version__
+    from mnm_search._files import json_text, user_path
+    from mnm_search.checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_checkpoint_files
+    from mnm_search.errors import CheckpointError, ExportError
+
+    if fmt not in family.export_formats:
+        raise ExportError(f"a native checkpoint exports as safetensors or onnx, not {fmt!r}")
+    universal, config = family.model, family.config
+    widths = validate_widths(list(widths), config)
+    compact = format_widths(widths, config)
+    sliced = slice_model(universal, widths)
+    try:
+        write_checkpoint_files(directory, sliced, metadata=metadata)
+    except CheckpointError as exc:  # e.g. disk full; the message names the file
+        raise ExportError(str(exc)) from exc
+    try:
+        exported = load_checkpoint(directory).model
+    except CheckpointError as exc:  # written a moment ago: the disk or a library failed
+        raise ExportError(
+            f"the export does not read back ({user_path(str(exc))}); nothing was written"
+        ) from exc
+    diff = _logits_difference(universal, widths, exported)
+    if not diff <= LOGITS_TOLERANCE:
+        raise ExportError(
+            f"exported {compact} differs from the universal model by {diff:.3g} "
+            f"(> {LOGITS_TOLERANCE:g}); nothing was written"
+        )
+    params = sum(p.numel() for p in exported.parameters())
+    expected_params = param_count(config, widths)
+    if params != expected_params:
+        raise ExportError(
+            f"exported {compact} holds {params:,} parameters, expected {expected_params:,}; "
+            f"nothing was written"
+        )
+    files = [CONFIG_FILE, WEIGHTS_FILE]
+    onnx_diff = None
+    if fmt == "onnx":
+        write_onnx(exported, directory / ONNX_FILE)
+        onnx_diff = verify_onnx(directory / ONNX_FILE, exported)
+        files.append(ONNX_FILE)
+    verification = {
+        "logits_max_abs_diff": diff,
+        "logits_tolerance": LOGITS_TOLERANCE,
+        "params_expected": expected_params,
+        "onnx_max_abs_diff": onnx_diff,
+    }
+    path = directory / CONFIG_FILE
+    written = json.loads(path.read_text(encoding="utf-8"))
+    written["verification"] = verification
+    path.write_text(json_text(written) + "\n", encoding="utf-8")
+    rows = []
+    if onnx_diff is not None:
+        rows.append(
+            [
+                "ONNX",
+                f"`{ONNX_FILE}` checked with onnxruntime: max abs diff {onnx_diff:.2e}",
+            ]
+        )
+    return {
+        "verified_max_abs_diff": diff,
+        "onnx_max_abs_diff": onnx_diff,
+        "verification": verification,
+        "files": files,
+        "metadata_file": CONFIG_FILE,
+        "card": {
+            "title": f"MatLM Mix'n'Match submodel {compact}",
+            "about": (
+                f"Physically sliced from the universal MatFormer checkpoint "
+                f"`{family.fingerprint}` ({config.n_layers} layers, d_model {config.d_model}, "
+                f"d_ff {config.d_ff}) by `mnm export` {__version__}."
+            ),
+            "rows": rows,
+            "verified": (
+                f"logits max abs diff {diff:.2e} vs the universal model at these widths "
+                f"(tolerance {LOGITS_TOLERANCE:g}); exact parameter count"
+            ),
+            "usage": _native_usage(onnx=onnx_diff is not None),
+        },
+    }
+
+
+def _native_usage(*, onnx: bool) -> str:
+    lines = [
+        "```python",
+        "import torch",
+        "from mnm_search import load_model",
+        "",
+        'model = load_model("path/to/this/directory")  # dense: no widths needed',
+        "logits = model(torch.tensor([list(b'Hello')]))  # [batch, seq, 256], byte tokens",
+        "```",
+    ]
+    if onnx:
+        lines += [
+            "",
+            "```python",
+            "import numpy as np, onnxruntime as ort",
+            "",
+            f'session = ort.InferenceSession("{ONNX_FILE}")',
+            'ids = np.frombuffer(b"Hello", dtype=np.uint8).astype(np.int64)[None]',
+            '(logits,) = session.run(["logits"], {"input_ids": ids})',
+            "```",
+        ]
+    return "\n".join(lines)
+
+
+@torch.inference_mode()
+def _logits_difference(universal: MatLM, widths: list[int], exported: MatLM) -> float:
+    config = universal.config
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (2, min(64, config.max_seq_len)), generator=generator)
+    return float((exported(ids) - universal(ids, widths)).abs().max())
+
+
+class _QuietExporter:
+    """The ONNX exporter logs and warns on stdout/stderr; keep `--json` stdout clean."""
+
+    def __enter__(self) -> None:
+        import contextlib
+        import logging
+        import sys
+        import warnings
+
+        self._logger = logging.getLogger("torch.onnx")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.ERROR)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(warnings.catch_warnings())
+        self._stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self._stack.close()
+        finally:
+            self._logger.setLevel(self._level)
+
+
+def write_onnx(model: MatLM, path: Path) -> None:
+    """`input_ids` int64 [batch, seq] -> `logits` float32 [batch, seq, vocab], dynamic axes."""
+    from mnm_search.errors import ExportError
+
+    config = model.config
+    example = torch.zeros((2, min(8, config.max_seq_len)), dtype=torch.long)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=1, max=config.max_seq_len)
+    with _QuietExporter():
+        try:
+            program = torch.onnx.export(
+                model,
+                (example,),
+                input_names=["input_ids"],
+                output_names=["logits"],
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+                dynamo=True,
+                verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many internal types
+            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+        program.save(str(path))
+
+
+def verify_onnx(path: Path, model: MatLM) -> float:
+    """Max abs difference between onnxruntime and torch logits on two input shapes."""
+    import onnxruntime as ort  # optional dependency, needed only here
+
+    from mnm_search._files import user_path
+    from mnm_search.errors import ExportError
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types (Fail, InvalidGraph, ...)
+        raise ExportError(
+            f"onnxruntime cannot load the {ONNX_FILE} just written for {user_path(path.parent)} "
+            f"({type(exc).__name__}: {exc}); the ONNX file was not written"
+        ) from exc
+    names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    if names != (["input_ids"], ["logits"]):
+        raise ExportError(
+            f"{user_path(path)} has inputs/outputs {names}, expected input_ids -> logits"
+        )
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    max_len = model.config.max_seq_len
+    # Two shapes: proves the batch and sequence axes are really dynamic.
+    for shape in ((2, min(16, max_len)), (1, min(5, max_len))):
+        ids = torch.randint(0, model.config.vocab_size, shape, generator=generator)
+        (logits,) = session.run(["logits"], {"input_ids": ids.numpy()})
+        with torch.inference_mode():
+            expected = model(ids)
+        if logits.dtype.name != "float32" or tuple(logits.shape) != tuple(expected.shape):
+            raise ExportError(
+                f"{path} returned {logits.dtype} {list(logits.shape)}, expected float32 "
+                f"{list(expected.shape)}"
+            )
+        worst = max(worst, float((torch.from_numpy(logits) - expected).abs().max()))
+    if not worst <= ONNX_TOLERANCE:
+        raise ExportError(
+            f"onnxruntime logits differ from torch by {worst:.3g} (> {ONNX_TOLERANCE:g}); "
+            f"the ONNX file was not written"
+        )
+    return worst
