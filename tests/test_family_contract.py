@@ -523,7 +523,13 @@ def contract_configs(family: Family) -> dict[str, Widths]:
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(actual.float(), expected.float(), atol=ATOL, rtol=0, msg=what)
+    torch.testing.assert_close(
+        actual.float(),
+        expected.float(),
+        atol=ATOL,
+        rtol=0,
+        msg=lambda details: f"{what}\n{details}",
+    )
 
 
 # ================================================================================ checks
@@ -555,6 +561,14 @@ def test_cached_evaluation_equals_plain_evaluation(family: Family) -> None:
     assert full.kl == pytest.approx(0.0, abs=1e-6)
     assert full.agreement == 1.0
     assert evaluator.stats.prefix_hits > 0
+
+
+def test_eval_set_has_the_family_windows(family: Family) -> None:
+    eval_set = family.load_eval_set(None, max_tokens=2 * family.eval_seq_len)
+    assert eval_set.inputs.shape == eval_set.targets.shape
+    assert eval_set.inputs.shape[1] == family.eval_seq_len
+    logits = family.logits(eval_set.inputs[:1])
+    assert logits.shape[:2] == (1, family.eval_seq_len) and bool(logits.isfinite().all())
 
 
 def test_param_count_is_exact(family: Family) -> None:
