@@ -2,7 +2,7 @@
 
 Builds an E4B-shaped but small Gemma 3n text model (8 layers, hidden 512, FFN 4096 in steps of
 512, KV sharing, sliding windows, AltUp, Laurel, per-layer embeddings, activation sparsity in
-the first two layers), profiles it with `profile_gemma3n` on a target and prints the held-out
+the first two layers), profiles it with `profiler.profile` on a target and prints the held-out
 accuracy (MAPE, Spearman, share within ±10 %) next to the naive table and the noise floor,
 the profile's wall time and the peak RSS. The load average is printed next to the numbers:
 on a shared 2-core machine timings under load mean little.
@@ -32,14 +32,11 @@ from typing import Any
 import torch
 from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
+from mnm_search import profiler
 from mnm_search.families.gemma3n import Gemma3nFamily
-from mnm_search.families.gemma3n_profile import (
-    _runner,
-    profile_gemma3n,
-    sample_gemma3n_configs,
-)
+from mnm_search.families.gemma3n_profile import _runner, sample_gemma3n_configs
 from mnm_search.latency import LatencyModel
-from mnm_search.profiler import pinned_threads, select_device, time_interleaved
+from mnm_search.profiler import measure_latency, pinned_threads, select_device, time_interleaved
 from mnm_search.targets import load_target, machine_facts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +83,6 @@ def skip_check(
     is priced; the search (and E2B-style sub-models) depends on it.
     """
     target = load_target(target_path)
-    device = select_device(target.device)
     skippable = family.skippable_layers
     drops = [skippable[:1], skippable[-2:], skippable[1::2]]
     pairs = []
@@ -95,11 +91,7 @@ def skip_check(
         for dropped in drops:
             pairs.append((base, [0 if i in dropped else w for i, w in enumerate(base)]))
     configs = list(dict.fromkeys(tuple(c) for pair in pairs for c in pair))
-    with pinned_threads(target.threads), torch.inference_mode():
-        runners = [_runner(family.view_model(c), family, target, device) for c in configs]
-        stats = time_interleaved(
-            runners, device=device, repeats=target.repeats, warmup=max(1, target.warmup)
-        )
+    stats = measure_latency(family, target, [list(c) for c in configs])
     ms = {c: s.median_ms for c, s in zip(configs, stats)}
     rows = []
     for base, dropped in pairs:
@@ -162,10 +154,10 @@ def main() -> None:
     args = parser.parse_args()
 
     target = load_target(args.target)
-    family = medium_family()
+    family = medium_family().prepare_for_target(target)
     load_before = os.getloadavg()
     started = time.perf_counter()
-    profile = profile_gemma3n(family, target, quick=args.quick)
+    profile = profiler.profile(family, target, quick=args.quick)
     seconds = time.perf_counter() - started
     load_after = os.getloadavg()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

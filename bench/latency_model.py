@@ -32,12 +32,12 @@ from typing import Any
 import torch
 
 from mnm_search.checkpoint import load_checkpoint
+from mnm_search.families import load_family
 from mnm_search.latency import LatencyModel, validation_metrics
 from mnm_search.profiler import (
-    measure_configs,
+    TORCH_DTYPES,
+    measure_latency,
     pinned_threads,
-    prepare_model,
-    sample_configs,
     select_device,
     time_interleaved,
 )
@@ -66,24 +66,16 @@ def fresh_holdout(
     ckpt: str | None, target_path: Path, profile_path: Path, n: int, seed: int
 ) -> dict[str, Any]:
     """Predict vs measure a new sample of configurations, timed here (another process/time)."""
-    checkpoint = load_checkpoint(ckpt)
     target = load_target(target_path)
-    model = LatencyModel.load(profile_path, fingerprint=checkpoint.fingerprint)
-    device = select_device(target.device)
+    family = load_family(ckpt).prepare_for_target(target)
+    model = LatencyModel.load(profile_path, fingerprint=family.fingerprint)
     profile = json.loads(profile_path.read_text())
     seen = [s["widths"] for s in profile["calibration"]["samples"]]
     seen += [s["widths"] for s in profile["validation"]["samples"]]
-    configs = sample_configs(checkpoint.config, n, random.Random(seed), exclude=seen)
-    with pinned_threads(target.threads), torch.inference_mode():
-        stats = measure_configs(
-            checkpoint.model,
-            target,
-            device,
-            configs,
-            repeats=target.repeats,
-            seed=seed,
-            on_round=lambda _: None,
-        )
+    with torch.inference_mode():
+        probe = family.latency_probe(target, select_device(target.device))
+        configs = probe.sample(n, random.Random(seed), allow_skip=True, exclude=seen)
+    stats = measure_latency(family, target, configs)
     measured = [s.median_ms for s in stats]
     predicted = [model.predict_ms(w) for w in configs]
     return validation_metrics(measured, predicted)
@@ -96,14 +88,12 @@ def width_sweep(ckpt: str | None, target_path: Path, layer: int = 0) -> list[dic
     target = load_target(target_path)
     device = select_device(target.device)
     widths = [w for w in (config.d_ff >> k for k in range(6, -1, -1)) if w >= 1]
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    x = torch.randn(target.batch, target.seq_len, config.d_model).to(device, dtype[target.dtype])
+    dtype = TORCH_DTYPES[target.dtype]
+    x = torch.randn(target.batch, target.seq_len, config.d_model).to(device, dtype)
     fns = []
     for width in widths:
-        block = prepare_model(
-            slice_model(checkpoint.model, [width] * config.n_layers), target, device
-        )
-        block = block.blocks[layer]
+        sliced = slice_model(checkpoint.model, [width] * config.n_layers)  # a new model
+        block = sliced.to(device=device, dtype=dtype).eval().blocks[layer]
         fns.append(lambda b=block, w=width: x + b.ffn(b.ffn_norm(x), w))
     with pinned_threads(target.threads), torch.inference_mode():
         stats = time_interleaved(

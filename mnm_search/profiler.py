@@ -1,4 +1,4 @@
-"""Timing on CPU/CUDA and the measured latency profile of a checkpoint on a hardware target.
+"""Timing on CPU/CUDA and the measured latency profile of a model family on a hardware target.
 
 Timing is done the careful way: threads pinned as the target says, warm-up calls, repeats
 interleaved across everything being compared (so drift and background load hit every
@@ -6,15 +6,17 @@ configuration alike instead of one), an untimed call right before each timed one
 call sees its own weights in cache, as in steady serving), the median as the statistic, and
 CUDA events with synchronisation on GPU.
 
-`profile_checkpoint` measures (1) per-layer, per-width FFN times and the fixed costs in
-isolation, (2) end-to-end latencies of sampled configurations run as physically sliced models
-(what export ships) to calibrate the `LatencyModel`, and (3) a held-out sample, measured twice,
-to report accuracy next to the noise floor.
+`profile(family, target)` is the one profiler for every family: the family's `LatencyProbe`
+(`mnm_search.families.base`) builds what is timed; this module owns the stages, sampling,
+calibration, validation and the profile JSON. It measures (1) per-layer, per-width times and
+the fixed costs in isolation, (2) end-to-end latencies of sampled configurations run as
+export ships them to calibrate the `LatencyModel`, and (3) a held-out sample, measured twice,
+to report accuracy next to the noise floor. `measure_latency` times configurations end to
+end (export's measured latency).
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import random
@@ -25,13 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mnm_search._files import atomic_write_text
-from mnm_search.checkpoint import Checkpoint
-from mnm_search.config import ModelConfig
 from mnm_search.errors import ConfigError, DeviceError, ProfileError
 from mnm_search.latency import (
     PROFILE_FORMAT,
@@ -39,10 +39,10 @@ from mnm_search.latency import (
     LatencyModel,
     validation_metrics,
 )
-from mnm_search.memory import memory_bytes
-from mnm_search.model import KVCache, MatLM
-from mnm_search.slicing import slice_model
 from mnm_search.targets import HardwareTarget, machine_facts
+
+if TYPE_CHECKING:
+    from mnm_search.families.base import Family, LatencyProbe
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -194,104 +194,10 @@ def _time_rounds(
     return [TimingStats.from_samples(s) for s in samples]
 
 
-def check_target_fits(config: ModelConfig, target: HardwareTarget) -> None:
-    if target.total_len > config.max_seq_len:
-        raise ConfigError(
-            f"target {target.name!r} needs {target.total_len} positions (context_len "
-            f"{target.context_len} + seq_len {target.seq_len}), but the checkpoint holds at "
-            f"most max_seq_len={config.max_seq_len}"
-        )
-
-
-def prepare_model(model: MatLM, target: HardwareTarget, device: torch.device) -> MatLM:
-    """The model on the target's device and dtype (a copy if anything must change)."""
-    dtype = TORCH_DTYPES[target.dtype]
-    param = next(model.parameters())
-    if param.device != device or param.dtype != dtype:
-        model = copy.deepcopy(model).to(device=device, dtype=dtype)
-    return model.eval()
-
-
-def _token_ids(config: ModelConfig, batch: int, length: int, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(length)
-    return torch.randint(config.vocab_size, (batch, length), generator=generator).to(device)
-
-
-def make_runner(
-    model: MatLM,
-    target: HardwareTarget,
-    device: torch.device,
-    widths: Sequence[int] | None = None,
-) -> Callable[[], object]:
-    """A no-argument callable running one forward of `model` at the target's phase.
-
-    Decode: the KV cache is filled with `context_len` tokens once; every call then appends
-    `seq_len` token(s) at the same position (resetting the cache length), so each call
-    measures the same decode step.
-    """
-    config = model.config
-    ids = _token_ids(config, target.batch, target.seq_len, device)
-    widths = list(widths) if widths is not None else None
-    if target.phase == "prefill":
-        return lambda: model(ids, widths)
-    cache = KVCache.empty(
-        config, batch=target.batch, device=device, dtype=TORCH_DTYPES[target.dtype]
-    )
-    with torch.inference_mode():
-        model(_token_ids(config, target.batch, target.context_len, device), widths, cache=cache)
-
-    def step() -> torch.Tensor:
-        cache.length = target.context_len
-        return model(ids, widths, cache=cache)
-
-    return step
-
-
-def measure_latency_ms(
-    model: MatLM, target: HardwareTarget, widths: Sequence[int] | None = None
-) -> TimingStats:
-    """End-to-end latency of one model (at `widths`) at the target's phase, on its device."""
-    device = select_device(target.device)
-    check_target_fits(model.config, target)
-    with pinned_threads(target.threads), torch.inference_mode():
-        prepared = prepare_model(model, target, device)
-        runner = make_runner(prepared, target, device, widths)
-        return time_interleaved(
-            [runner], device=device, repeats=target.repeats, warmup=target.warmup
-        )[0]
-
-
-def sample_configs(
-    config: ModelConfig,
-    n: int,
-    rng: random.Random,
-    *,
-    widths: Sequence[int] | None = None,
-    skip_probability: float = 0.1,
-    exclude: Sequence[Sequence[int]] = (),
-) -> list[list[int]]:
-    """`n` distinct configurations spread from small to large (plus occasional skipped FFNs).
-
-    Each draws a size level, then every layer a width near it, so totals cover the whole
-    range instead of clustering in the middle as independent uniform choices would.
-    """
-    choices = sorted(widths or config.granularities)
-    seen = {tuple(w) for w in exclude}
-    configs: list[list[int]] = []
-    for _ in range(200 * n):
-        if len(configs) == n:
-            break
-        level = rng.uniform(0, len(choices) - 1)
-        candidate = [
-            0
-            if rng.random() < skip_probability
-            else choices[min(len(choices) - 1, max(0, round(rng.gauss(level, 0.8))))]
-            for _ in range(config.n_layers)
-        ]
-        if tuple(candidate) not in seen:
-            seen.add(tuple(candidate))
-            configs.append(candidate)
-    return configs
+# Stage names of the progress events, in order (`on_progress` receives them; the CLI shows them).
+STAGES = ("per-layer table", "calibration", "validation pass 1/2", "validation pass 2/2")
+# Held-out configurations below this many say nothing about a latency model.
+MIN_VALIDATION = 3
 
 
 class _Stage:
@@ -306,145 +212,134 @@ class _Stage:
             self.on_progress({"stage": self.stage, "done": done, "total": self.total})
 
 
-def _component_runners(
-    model: MatLM, target: HardwareTarget, device: torch.device, widths: Sequence[int]
-) -> tuple[dict[str, Callable[[], object]], list[list[Callable[[], object]]]]:
-    """Isolated callables for the fixed costs and for every layer's FFN at every width."""
-    config = model.config
-    dtype = TORCH_DTYPES[target.dtype]
-    batch, seq, context = target.batch, target.seq_len, target.context_len
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, seq, config.d_model, generator=generator).to(device, dtype)
-    ids = _token_ids(config, batch, seq, device)
-    positions = torch.arange(context, context + seq, device=device)
-    full = prepare_model(slice_model(model, [config.d_ff] * config.n_layers), target, device)
-    cache = None
-    if target.phase == "decode":
-        cache = KVCache.empty(config, batch=batch, device=device, dtype=dtype)
-        with torch.inference_mode():
-            full(_token_ids(config, batch, context, device), cache=cache)
-
-    def attention(block: Any, layer: int) -> Callable[[], object]:
-        # The cache length stays at `context`: every call writes the same new position.
-        return lambda: x + block.attn(block.attn_norm(x), cache=cache, layer=layer)
-
-    fixed: dict[str, Callable[[], object]] = {
-        "embedding": lambda: full.wte(ids) + full.wpe(positions),
-        "head": lambda: full.lm_head(full.norm(x)),
-    }
-    for layer, block in enumerate(full.blocks):
-        fixed[f"attention.{layer}"] = attention(block, layer)
-
-    def ffn(block: Any, width: int) -> Callable[[], object]:
-        return lambda: x + block.ffn(block.ffn_norm(x), width)
-
-    per_layer: list[list[Callable[[], object]]] = [[] for _ in range(config.n_layers)]
-    for width in widths:
-        sliced = prepare_model(slice_model(model, [width] * config.n_layers), target, device)
-        for layer, block in enumerate(sliced.blocks):
-            per_layer[layer].append(ffn(block, width))
-    return fixed, per_layer
+def nondecreasing(values: Sequence[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [sum, count] of runs pooled to their mean
+    for value in values:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
 
 
-def measure_configs(
-    model: MatLM,
+def _measure(
+    probe: LatencyProbe,
     target: HardwareTarget,
     device: torch.device,
     configs: Sequence[Sequence[int]],
     *,
     repeats: int,
     seed: int,
-    on_round: Callable[[int], None],
+    on_round: Callable[[int], None] | None,
 ) -> list[TimingStats]:
-    runners = [
-        make_runner(prepare_model(slice_model(model, widths), target, device), target, device)
-        for widths in configs
-    ]
+    """End-to-end latency of each configuration at the target's phase, interleaved."""
     return time_interleaved(
-        runners,
+        [probe.runner(widths) for widths in configs],
         device=device,
         repeats=repeats,
-        warmup=max(1, target.warmup),
+        warmup=max(1, target.warmup),  # the first call of a fresh model is never representative
         seed=seed,
         on_round=on_round,
     )
 
 
-def profile_checkpoint(
-    checkpoint: Checkpoint,
+def measure_latency(
+    family: Family,
+    target: HardwareTarget,
+    configs: Sequence[Sequence[int]],
+    on_round: Callable[[int], None] | None = None,
+) -> list[TimingStats]:
+    """End-to-end latency of each configuration of `family` on `target`, as export ships it.
+
+    The configurations are timed interleaved (`target.repeats` rounds), so their ratios hold
+    even while the machine drifts. Put the family on the target first
+    (`family.prepare_for_target(target)`); a family that never copies its weights (Gemma 3n)
+    refuses otherwise, with the fix.
+    """
+    device = select_device(target.device)
+    with pinned_threads(target.threads), torch.inference_mode():
+        probe = family.latency_probe(target, device)
+        return _measure(
+            probe,
+            target,
+            device,
+            configs,
+            repeats=target.repeats,
+            seed=target.seed,
+            on_round=on_round,
+        )
+
+
+def profile(
+    family: Family,
     target: HardwareTarget,
     *,
     quick: bool = False,
+    allow_skip: bool = True,
     on_progress: ProgressFn | None = None,
     extra_widths: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Measure, calibrate and validate a latency model of `checkpoint` on `target`.
+    """Measure, calibrate and validate a latency model of `family` on `target`.
 
-    `extra_widths` are measured in the table besides the trained granularities (others are
-    interpolated). `quick` trims repeats and sample sizes for a first look (about 4x faster).
-    Returns the profile JSON as a dict; write it with `write_profile`.
+    Stages: (1) the family's probe times its fixed costs and every layer at every table width
+    in isolation; (2) end-to-end latencies of the anchor configurations and a spread sample
+    calibrate the `LatencyModel`; (3) a held-out sample is measured in two independent passes,
+    for the accuracy next to the noise floor. Put the family on the target first
+    (`family.prepare_for_target(target)`).
+
+    `quick` trims repeats and sample sizes for a first look (about 4x faster). `allow_skip`
+    lets sampled configurations drop layers (off when the search keeps every layer).
+    `extra_widths` are measured in the table besides the family's own widths (where the
+    family's probe supports it). `on_progress` receives `{"stage", "done", "total"}` events
+    (stages in `STAGES`). Returns the profile JSON as a dict; write it with `write_profile`.
     """
-    config, model = checkpoint.config, checkpoint.model
-    if not config.is_universal:
-        raise ProfileError(
-            "profile the universal checkpoint, not an exported submodel: the profile must "
-            "cover every width the search can choose"
-        )
-    for width in extra_widths:
-        if not 0 < width <= config.d_ff:
-            raise ConfigError(f"extra width {width} is outside (0, {config.d_ff}]")
     device = select_device(target.device)
-    check_target_fits(config, target)
     facts = machine_facts(target)
     repeats = max(5, target.repeats // 2) if quick else target.repeats
     n_calibration = min(target.calibration, 12) if quick else target.calibration
     n_validation = min(target.validation, 10) if quick else target.validation
-    table_widths = sorted(set(config.granularities) | {int(w) for w in extra_widths})
+    warmup = max(1, target.warmup)
     rng = random.Random(target.seed)
     started = time.perf_counter()
 
     with pinned_threads(target.threads), torch.inference_mode():
-        # 1. Isolated components: fixed costs and the per-layer FFN table, interleaved.
-        fixed_fns, ffn_fns = _component_runners(model, target, device, table_widths)
-        flat = list(fixed_fns.values()) + [fn for row in ffn_fns for fn in row]
-        # Isolated ops are cheap: twice the repeats steady the table every prediction uses.
-        stage = _Stage(on_progress, "per-layer table", 2 * repeats)
-        stats = time_interleaved(
-            flat,
-            device=device,
-            repeats=2 * repeats,
-            warmup=target.warmup,
-            seed=target.seed,
-            on_round=stage,
+        probe = family.latency_probe(target, device)
+        if extra_widths:
+            measure_extra = getattr(probe, "measure_extra_widths", None)
+            if measure_extra is None:
+                raise ConfigError(
+                    f"extra table widths (--measure-widths) do not apply to {family.name} "
+                    f"checkpoints: their table already measures every width they can take"
+                )
+            measure_extra([int(w) for w in extra_widths])
+
+        # 1. Fixed costs and every layer at every table width, interleaved.
+        stage = _Stage(on_progress, STAGES[0], repeats)
+        table = probe.measure_table(
+            repeats=repeats, warmup=warmup, seed=target.seed, on_round=stage
         )
-        fixed_stats = dict(zip(fixed_fns, stats[: len(fixed_fns)]))
-        ffn_stats = stats[len(fixed_fns) :]
-        ffn_ms = [
-            [ffn_stats[layer * len(table_widths) + j].median_ms for j in range(len(table_widths))]
-            for layer in range(config.n_layers)
-        ]
-        fixed_ms = sum(s.median_ms for s in fixed_stats.values())
         latency = LatencyModel(
             target=target,
-            fingerprint=checkpoint.fingerprint,
-            d_ff=config.d_ff,
-            measured_widths=table_widths,
-            ffn_ms=ffn_ms,
-            fixed_ms=fixed_ms,
+            fingerprint=family.fingerprint,
+            d_ff=max(family.full_widths()),
+            measured_widths=table.widths,
+            # More FFN neurons never cost less: noise that says otherwise would let the search
+            # take a wider layer for free, so each row is made non-decreasing.
+            ffn_ms=[nondecreasing([s.median_ms for s in row]) for row in table.per_layer],
+            fixed_ms=max(0.0, table.fixed_ms),
         )
 
-        # 2. Calibration on sliced models: the uniform configurations anchor both ends.
-        uniform = [config.uniform_widths(g) for g in config.granularities]
-        calibration = uniform + sample_configs(
-            config,
-            max(0, n_calibration - len(uniform)),
-            rng,
-            widths=table_widths,
-            exclude=uniform,
+        # 2. Calibration on end-to-end latencies: the anchors (uniform models, and what else
+        # the family needs pinned down) first, then a sample spread from small to large.
+        anchors = [list(w) for w in probe.anchors(allow_skip=allow_skip)]
+        calibration = anchors + probe.sample(
+            max(0, n_calibration - len(anchors)), rng, allow_skip=allow_skip, exclude=anchors
         )
-        stage = _Stage(on_progress, "calibration", repeats)
-        calibration_stats = measure_configs(
-            model,
+        stage = _Stage(on_progress, STAGES[1], repeats)
+        calibration_stats = _measure(
+            probe,
             target,
             device,
             calibration,
@@ -455,15 +350,19 @@ def profile_checkpoint(
         latency.fit([(w, s.median_ms) for w, s in zip(calibration, calibration_stats)])
 
         # 3. Held-out validation, measured in two independent passes for the noise floor.
-        validation = sample_configs(
-            config, n_validation, rng, widths=table_widths, exclude=calibration
-        )
+        validation = probe.sample(n_validation, rng, allow_skip=allow_skip, exclude=calibration)
+        if len(validation) < MIN_VALIDATION:
+            raise ProfileError(
+                f"only {len(validation)} configuration(s) of this checkpoint are left for "
+                f"validation after {len(calibration)} calibration ones; lower the target's "
+                f"'calibration' ({target.calibration}) or profile a model with more choices"
+            )
         passes = []
         for index in (1, 2):
-            stage = _Stage(on_progress, f"validation pass {index}/2", repeats)
+            stage = _Stage(on_progress, STAGES[1 + index], repeats)
             passes.append(
-                measure_configs(
-                    model,
+                _measure(
+                    probe,
                     target,
                     device,
                     validation,
@@ -483,44 +382,41 @@ def profile_checkpoint(
             "target": target.to_dict(),
             "device": facts,
             "checkpoint": {
-                "fingerprint": checkpoint.fingerprint,
-                "path": str(checkpoint.path) if checkpoint.path else None,
-                "n_layers": config.n_layers,
-                "d_model": config.d_model,
-                "d_ff": config.d_ff,
-                "granularities": list(config.granularities),
+                "family": family.name,
+                "fingerprint": family.fingerprint,
+                "path": str(family.path) if family.path else None,
+                "n_layers": family.n_layers,
+                **probe.checkpoint_info(),
             },
             "timing": {
                 "statistic": "median",
                 "repeats": repeats,
-                "table_repeats": 2 * repeats,
-                "warmup": target.warmup,
+                "table_repeats": repeats,
+                "warmup": warmup,
                 "interleaved": True,
                 "rewarm_before_each_sample": True,
                 "clock": "cuda events + synchronize" if device.type == "cuda" else "perf_counter",
+                "allow_skip": allow_skip,
+                **probe.timing_info(),
                 "seconds": round(time.perf_counter() - started, 2),
             },
-            "fixed_costs_ms": {k: s.to_dict() for k, s in fixed_stats.items()},
+            "fixed_costs_ms": {name: s.to_dict() for name, s in table.fixed.items()},
             "ffn_table": {
-                "widths": table_widths,
-                "trained_granularities": list(config.granularities),
-                "extra_measured_widths": sorted(set(table_widths) - set(config.granularities)),
+                "widths": table.widths,
                 "per_layer": [
-                    {
-                        str(w): ffn_stats[layer * len(table_widths) + j].to_dict()
-                        for j, w in enumerate(table_widths)
-                    }
-                    for layer in range(config.n_layers)
+                    {str(w): s.to_dict() for w, s in zip(table.widths, row)}
+                    for row in table.per_layer
                 ],
+                "meaning": table.meaning,
+                "latency_model_rows": "these medians made non-decreasing in width (pool "
+                "adjacent violators)",
+                **table.extra,
             },
             "latency_model": latency.to_dict(),
             "calibration": calibration_block(latency, calibration, calibration_stats),
             "validation": validation_result,
             "warnings": latency_model_warnings(validation_result),
-            "memory_uniform_bytes": {
-                name: memory_bytes(config, config.uniform_widths(g), target).to_dict()
-                for name, g in zip(config.granularity_names, config.granularities)
-            },
+            **probe.extra_blocks(),
         }
     )
 

@@ -61,7 +61,7 @@ def test_profile_writes_json_and_prints_summary(
         ["profile", str(tiny_checkpoint), "-t", str(target_file), "-o", str(out), "--quick"],
     )
     assert result.exit_code == 0, result.output
-    for text in ("FFN time per layer", "Fixed costs", "Uniform models", "MAPE", "noise floor"):
+    for text in ("Time per layer", "Fixed costs", "Uniform models", "MAPE", "noise floor"):
         assert text in result.output
     profile = json.loads(out.read_text())
     assert profile["quick"] is True
@@ -132,7 +132,7 @@ def test_interrupted_profile_writes_nothing(
     def interrupted(*args: object, **kwargs: object) -> dict:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_profile, "profile_checkpoint", interrupted)
+    monkeypatch.setattr(_profile, "profile_loaded", interrupted)
     out = tmp_path / "p.json"
     result = runner.invoke(
         app, ["profile", str(tiny_checkpoint), "-t", str(target_file), "-o", str(out)]

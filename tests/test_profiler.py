@@ -1,10 +1,12 @@
-"""Timing machinery and `profile_checkpoint` on tiny models (structure and behaviour, not speed)."""
+"""Timing machinery and `profile` of the native family on tiny models (structure and behaviour,
+not speed)."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +14,19 @@ import pytest
 import torch
 
 from mnm_search import profiler
-from mnm_search.checkpoint import Checkpoint, fingerprint
+from mnm_search.checkpoint import fingerprint
 from mnm_search.config import ModelConfig
 from mnm_search.errors import ConfigError, DeviceError, ProfileError
-from mnm_search.latency import LatencyModel
+from mnm_search.families.matlm import MatLMFamily, make_runner, sample_configs, token_ids
+from mnm_search.latency import LatencyModel, validation_metrics
 from mnm_search.model import MatLM
 from mnm_search.profiler import (
+    STAGES,
     Clock,
     TimingStats,
-    make_runner,
-    measure_latency_ms,
+    measure_latency,
+    nondecreasing,
     pinned_threads,
-    profile_checkpoint,
-    sample_configs,
     select_device,
     time_interleaved,
     write_profile,
@@ -52,8 +54,8 @@ TINY_DECODE = HardwareTarget(
 )
 
 
-def _checkpoint(model: MatLM) -> Checkpoint:
-    return Checkpoint(model=model, config=model.config, fingerprint=fingerprint(model))
+def _family(model: MatLM) -> MatLMFamily:
+    return MatLMFamily.from_model(model)
 
 
 def test_timing_stats_are_robust() -> None:
@@ -128,7 +130,7 @@ def test_cpu_clock_never_touches_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "Event", boom)
     clock = Clock(torch.device("cpu"))
     clock.synchronize()
-    assert clock.time_ms(lambda: None) >= 0.0
+    assert clock.time_ms(lambda: time.sleep(0.002)) >= 2.0  # sleep never returns early
 
 
 def test_repeats_are_interleaved_with_warmup_first() -> None:
@@ -162,29 +164,62 @@ def test_decode_runner_computes_the_next_token_logits(tiny_model: MatLM) -> None
     runner = make_runner(tiny_model, TINY_DECODE, torch.device("cpu"), widths)
     first, second = runner(), runner()  # every call repeats the same decode step
     torch.testing.assert_close(first, second)
-    context = profiler._token_ids(tiny_model.config, 1, 12, torch.device("cpu"))
-    new = profiler._token_ids(tiny_model.config, 1, 1, torch.device("cpu"))
+    context = token_ids(tiny_model.config, 1, 12, torch.device("cpu"))
+    new = token_ids(tiny_model.config, 1, 1, torch.device("cpu"))
     full = tiny_model(torch.cat([context, new], dim=1), widths)
     torch.testing.assert_close(first, full[:, -1:], rtol=1e-4, atol=1e-5)
 
 
+@torch.inference_mode()
+def test_probe_runner_runs_the_sliced_model(tiny_model: MatLM) -> None:
+    """What the probe times is the physically sliced model export ships, at the same output."""
+    widths = [8, 64, 0]
+    device = torch.device("cpu")
+    probe = _family(tiny_model).latency_probe(TINY_DECODE, device)
+    step = probe.runner(widths)
+    context = token_ids(tiny_model.config, 1, 12, device)
+    new = token_ids(tiny_model.config, 1, 1, device)
+    full = tiny_model(torch.cat([context, new], dim=1), widths)
+    torch.testing.assert_close(step(), full[:, -1:], rtol=1e-4, atol=1e-5)
+    prefill = _family(tiny_model).latency_probe(TINY_PREFILL, device).runner(widths)
+    ids = token_ids(tiny_model.config, 1, 8, device)
+    torch.testing.assert_close(prefill(), tiny_model(ids, widths), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("target", [TINY_PREFILL, TINY_DECODE], ids=["prefill", "decode"])
 def test_measure_latency(tiny_model: MatLM, target: HardwareTarget) -> None:
-    stats = measure_latency_ms(slice_model(tiny_model, [8, 16, 0]), target)
-    assert stats.n == target.repeats
-    assert 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
+    rounds: list[int] = []
+    configs = [[8, 16, 0], [64, 64, 64]]
+    stats = measure_latency(_family(tiny_model), target, configs, on_round=rounds.append)
+    assert len(stats) == 2 and rounds == list(range(1, target.repeats + 1))
+    for s in stats:
+        assert s.n == target.repeats
+        assert 0 < s.p10_ms <= s.median_ms <= s.p90_ms
 
 
 def test_measure_latency_in_bfloat16_keeps_the_model(tiny_model: MatLM) -> None:
     target = HardwareTarget(name="bf16", seq_len=4, repeats=3, warmup=0, dtype="bfloat16")
-    measure_latency_ms(tiny_model, target, [8, 8, 8])
+    family = _family(tiny_model)
+    measure_latency(family, target, [[8, 8, 8]])
     assert next(tiny_model.parameters()).dtype == torch.float32  # measured on a copy
+    prepared = family.prepare_for_target(target)
+    assert next(prepared.model.parameters()).dtype == torch.bfloat16
+    assert prepared.fingerprint == family.fingerprint  # the profile still matches
+    assert next(tiny_model.parameters()).dtype == torch.float32
+    assert family.prepare_for_target(TINY_PREFILL) is family  # nothing to change: no copy
 
 
 def test_target_longer_than_the_context_is_refused(tiny_model: MatLM) -> None:
     target = HardwareTarget(name="long", phase="decode", context_len=40, repeats=3)
     with pytest.raises(ConfigError, match=r"context_len 40 \+ seq_len 1.*max_seq_len=32"):
-        measure_latency_ms(tiny_model, target)
+        measure_latency(_family(tiny_model), target, [[8, 8, 8]])
+
+
+def test_nondecreasing_pools_adjacent_violators() -> None:
+    assert nondecreasing([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert nondecreasing([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0]
+    assert nondecreasing([1.0, 5.0, 2.0, 2.0]) == [1.0, 3.0, 3.0, 3.0]
+    assert nondecreasing([0.5, 0.7, 0.9]) == [0.5, 0.7, 0.9]
 
 
 def test_sampled_configs_are_distinct_valid_and_spread(tiny_config: ModelConfig) -> None:
@@ -200,7 +235,7 @@ def test_sampled_configs_are_distinct_valid_and_spread(tiny_config: ModelConfig)
 @pytest.mark.parametrize("target", [TINY_PREFILL, TINY_DECODE], ids=["prefill", "decode"])
 def test_profile_has_every_part(tiny_model: MatLM, target: HardwareTarget) -> None:
     events: list[dict[str, Any]] = []
-    profile = profile_checkpoint(_checkpoint(tiny_model), target, on_progress=events.append)
+    profile = profiler.profile(_family(tiny_model), target, on_progress=events.append)
     json.dumps(profile, allow_nan=False)  # strict JSON
     assert profile["target"] == target.to_dict()
     assert profile["checkpoint"]["fingerprint"] == fingerprint(tiny_model)
@@ -223,32 +258,49 @@ def test_profile_has_every_part(tiny_model: MatLM, target: HardwareTarget) -> No
     assert not {tuple(s["widths"]) for s in validation["samples"]} & {
         tuple(s["widths"]) for s in calibration
     }  # held out
-    for key in ("mape_pct", "spearman", "within_10pct", "naive", "noise_floor"):
-        assert key in validation
-    stages = {e["stage"] for e in events}
-    assert stages == {
-        "per-layer table",
-        "calibration",
-        "validation pass 1/2",
-        "validation pass 2/2",
-    }
+    # The reported metrics are those of the reported samples (not just present).
+    samples = validation["samples"]
+    measured = [s["measured_ms"] for s in samples]
+    expected = validation_metrics(measured, [s["predicted_ms"] for s in samples])
+    assert validation["mape_pct"] == pytest.approx(expected["mape_pct"], abs=1e-2)
+    naive = validation_metrics(measured, [s["naive_ms"] for s in samples])
+    assert validation["naive"]["mape_pct"] == pytest.approx(naive["mape_pct"], abs=1e-2)
+    noise = validation_metrics([s["pass1_ms"] for s in samples], [s["pass2_ms"] for s in samples])
+    assert validation["noise_floor"]["mape_pct"] == pytest.approx(noise["mape_pct"], abs=1e-2)
+    for s in samples:  # the median of both passes' samples lies between the two medians
+        low, high = sorted((s["pass1_ms"], s["pass2_ms"]))
+        assert low - 1e-5 <= s["measured_ms"] <= high + 1e-5
+    assert list(dict.fromkeys(e["stage"] for e in events)) == list(STAGES)
+    for stage in STAGES:  # one event per round, the table's two timed rounds counted as one
+        assert [e["done"] for e in events if e["stage"] == stage] == [0, 1, 2, 3]
+        assert {e["total"] for e in events if e["stage"] == stage} == {3}
+    assert profile["timing"]["table_repeats"] == 6
     model = LatencyModel.from_profile(profile)
     for sample in validation["samples"]:
         assert model.predict_ms(sample["widths"]) == pytest.approx(sample["predicted_ms"], abs=1e-6)
+    # The latency model's table is the measured medians, made non-decreasing in width.
+    for layer, entry in enumerate(profile["ffn_table"]["per_layer"]):
+        medians = [entry[str(w)]["median_ms"] for w in profile["ffn_table"]["widths"]]
+        row = list(model.ffn_table[layer])
+        assert row == pytest.approx(nondecreasing(medians), abs=1e-5) and row == sorted(row)
+    fixed = sum(s["median_ms"] for s in profile["fixed_costs_ms"].values())
+    assert model.fixed_ms == pytest.approx(fixed, abs=1e-5)
+    assert set(profile["memory_uniform_bytes"]) == {"S", "M", "L", "XL"}
+    assert profile["checkpoint"]["family"] == "matlm"
 
 
 def test_quick_profile_uses_fewer_samples(tiny_model: MatLM) -> None:
     target = HardwareTarget(
         name="q", seq_len=4, repeats=10, warmup=0, calibration=14, validation=11
     )
-    profile = profile_checkpoint(_checkpoint(tiny_model), target, quick=True)
+    profile = profiler.profile(_family(tiny_model), target, quick=True)
     assert profile["quick"] is True
     assert profile["timing"]["repeats"] == 5
     assert profile["calibration"]["n"] == 12 and profile["validation"]["n"] == 10
 
 
 def test_extra_widths_are_measured_not_interpolated(tiny_model: MatLM) -> None:
-    profile = profile_checkpoint(_checkpoint(tiny_model), TINY_PREFILL, extra_widths=[24])
+    profile = profiler.profile(_family(tiny_model), TINY_PREFILL, extra_widths=[24])
     assert profile["ffn_table"]["widths"] == [8, 16, 24, 32, 64]
     assert profile["ffn_table"]["extra_measured_widths"] == [24]
     model = LatencyModel.from_profile(profile)
@@ -257,7 +309,7 @@ def test_extra_widths_are_measured_not_interpolated(tiny_model: MatLM) -> None:
 
 def test_exported_checkpoints_are_not_profiled(tiny_model: MatLM) -> None:
     with pytest.raises(ProfileError, match="universal checkpoint"):
-        profile_checkpoint(_checkpoint(slice_model(tiny_model, [8, 8, 8])), TINY_PREFILL)
+        profiler.profile(_family(slice_model(tiny_model, [8, 8, 8])), TINY_PREFILL)
 
 
 def test_cuda_target_without_cuda_fails_before_measuring(
@@ -266,7 +318,7 @@ def test_cuda_target_without_cuda_fails_before_measuring(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     target = HardwareTarget(name="gpu", device="cuda:0", threads=None, seq_len=8)
     with pytest.raises(DeviceError, match="CUDA is not available"):
-        profile_checkpoint(_checkpoint(tiny_model), target)
+        profiler.profile(_family(tiny_model), target)
 
 
 def test_write_profile_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

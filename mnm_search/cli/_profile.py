@@ -1,4 +1,9 @@
-"""`mnm profile`: measure a latency model of a checkpoint on a hardware target."""
+"""`mnm profile`: measure a latency model of a checkpoint on a hardware target.
+
+One path for every model family: load it (`load_family`), put it on the target
+(`Family.prepare_for_target`), and run the one profiler (`mnm_search.profiler.profile`), whose
+JSON every family shares.
+"""
 
 from __future__ import annotations
 
@@ -8,68 +13,65 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from mnm_search import profiler
 from mnm_search._files import refuse_overlap
-from mnm_search.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
+from mnm_search.checkpoint import default_checkpoint_path
 from mnm_search.cli._common import (
     CkptArg,
     JsonOpt,
     StepOpt,
+    TargetOpt,
     add_number_column,
     err,
-    family_of,
     out,
     print_json,
     progress_bar,
-    refuse_step,
     user_errors,
 )
-from mnm_search.config import ModelConfig, param_count
 from mnm_search.errors import ConfigError
-from mnm_search.families import GEMMA3N
+from mnm_search.families import load_family
 from mnm_search.latency import LatencyModel
-from mnm_search.profiler import profile_checkpoint, write_profile
+from mnm_search.profiler import write_profile
 from mnm_search.targets import HardwareTarget, default_target, load_target
 
-TargetOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--target", "-t", help="Hardware target YAML (default: profiles/cpu-prefill.yaml)."
-    ),
-]
+if TYPE_CHECKING:
+    from mnm_search.families.base import Family
 
 
 def resolve_target(path: Path | None) -> HardwareTarget:
     return default_target() if path is None else load_target(path)
 
 
-def load_profile_for(checkpoint: Any, path: Path) -> LatencyModel:
+def load_profile_for(family: Family, path: Path) -> LatencyModel:
     """The latency model in `path`, refused unless it was measured for this checkpoint.
 
-    `checkpoint` is a native `Checkpoint` or a family adapter (anything with `fingerprint`).
-    An exported submodel may use its source checkpoint's profile. A hardware mismatch is
-    printed as a warning on stderr.
+    An exported submodel (not universal) may use its source checkpoint's profile, named in its
+    metadata. A hardware mismatch is printed as a warning on stderr.
     """
-    expected = checkpoint.fingerprint
-    native = isinstance(checkpoint, Checkpoint)
-    if (
-        native
-        and not checkpoint.config.is_universal
-        and checkpoint.metadata.get("source_fingerprint")
-    ):
-        expected = str(checkpoint.metadata["source_fingerprint"])
+    expected = family.fingerprint
+    if not family.is_universal:
+        metadata = family.describe().get("metadata") or {}
+        if metadata.get("source_fingerprint"):
+            expected = str(metadata["source_fingerprint"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = LatencyModel.load(path, fingerprint=expected)
     for warning in caught:
         err.print(f"[yellow]Warning:[/] {warning.message}", highlight=False)
     return model
+
+
+def load_for_target(ckpt: Path | None, target: HardwareTarget, *, step: int | None) -> Family:
+    """The checkpoint loaded and put on the target's device and dtype (`prepare_for_target`:
+    a copy for small native models, in place for big ones such as Gemma 3n)."""
+    return load_family(ckpt, step=step).prepare_for_target(target)
 
 
 def _parse_extra_widths(spec: str | None) -> list[int]:
@@ -118,7 +120,8 @@ def profile(
         str | None,
         typer.Option(
             "--measure-widths",
-            help="Also measure these FFN widths (comma-separated) instead of interpolating.",
+            help="Also measure these FFN widths (comma-separated) instead of interpolating "
+            "(native checkpoints; others measure every width they can take).",
         ),
     ] = None,
     as_json: JsonOpt = False,
@@ -126,10 +129,11 @@ def profile(
 ) -> None:
     """Measure per-layer latency on a hardware target and fit a validated latency model.
 
-    Times every layer's FFN at every trained width and the fixed costs, calibrates on
-    sampled configurations run as sliced models, and validates on held-out ones next to
-    the noise floor (the same configurations measured twice). For Gemma 3n, every decoder
-    layer is timed whole at every width step (a dropped layer costs nothing).
+    Times every layer at every table width and the fixed costs in isolation (native: each
+    layer's FFN at every trained width; Gemma 3n: each whole decoder layer at every width
+    step, so a dropped layer costs nothing), calibrates on sampled configurations run as
+    export ships them, and validates on held-out ones next to the noise floor (the same
+    configurations measured twice).
 
     Example: mnm profile --target profiles/cpu-decode.yaml --out decode.json --quick
     """
@@ -141,23 +145,9 @@ def profile(
         {"the checkpoint": ckpt or default_checkpoint_path(), "the --target file": target_path},
     )
     check_writable(destination)
-    gemma = ckpt is not None and family_of(ckpt) == GEMMA3N
-    if gemma:
-        from mnm_search.cli import _gemma3n
-
-        if extra:
-            raise ConfigError(
-                "--measure-widths applies to native checkpoints; a Gemma 3n profile measures "
-                "every multiple of the width step (see --step)"
-            )
-        err.print(f"Profiling {target.describe()}", highlight=False)
-        assert ckpt is not None
-        _, result = _gemma3n.profile(ckpt, target, quick=quick, allow_skip=True, step=step)
-    else:
-        refuse_step(step)
-        checkpoint = load_checkpoint(ckpt)
-        err.print(f"Profiling {target.describe()}", highlight=False)
-        result = profile_with_progress(checkpoint, target, quick=quick, extra_widths=extra)
+    family = load_for_target(ckpt, target, step=step)
+    err.print(f"Profiling {target.describe()}", highlight=False)
+    result = profile_loaded(family, target, quick=quick, extra_widths=extra)
     write_profile(result, destination)
     print_latency_model_warnings(result["warnings"])  # stderr: --json stays one object
     if as_json:
@@ -171,10 +161,7 @@ def profile(
             }
         )
         return
-    if gemma:
-        _gemma3n.print_profile_summary(result)
-    else:
-        print_summary(result, checkpoint.config)
+    print_summary(result, family)
     out.print(f"Wrote {destination} ({result['timing']['seconds']:.1f} s of measurement)")
 
 
@@ -197,54 +184,80 @@ def print_profile_header(result: dict[str, Any]) -> None:
     )
 
 
-def print_summary(result: dict[str, Any], config: ModelConfig) -> None:
-    """Rich tables: per-layer FFN times, fixed costs, uniform models, validation."""
+def print_summary(result: dict[str, Any], family: Family) -> None:
+    """Rich tables: per-layer times, fixed costs, uniform models, validation."""
     print_profile_header(result)
     table_info = result["ffn_table"]
     widths = table_info["widths"]
-    names = dict(zip(config.granularities, config.granularity_names))
-    ffn = Table(title="FFN time per layer (ms, isolated, median)")
-    add_number_column(ffn, "layer")
+    extra = set(table_info.get("extra_measured_widths") or ())
+    names = {
+        max(config): name
+        for name, config in family.uniform_configs().items()
+        if len(set(config)) == 1 and name != str(max(config))
+    }
+    meaning = table_info.get("meaning") or "FFN time at that width"
+    layers = Table(title=f"Time per layer (ms, median): {meaning}")
+    add_number_column(layers, "layer")
     for w in widths:
-        add_number_column(ffn, f"{names[w]} ({w})" if w in names else f"{w} (extra)")
+        label = f"{names[w]} ({w})" if w in names else str(w)
+        add_number_column(layers, f"{label} (extra)" if w in extra else label)
     rows = [[entry[str(w)]["median_ms"] for w in widths] for entry in table_info["per_layer"]]
     for layer, row in enumerate(rows):
-        ffn.add_row(str(layer), *(f"{v:.4f}" for v in row))
+        layers.add_row(str(layer), *(f"{v:.4f}" for v in row))
     means = [sum(col) / len(col) for col in zip(*rows)]
-    ffn.add_row("mean", *(f"{v:.4f}" for v in means), style="bold")
-    ffn.add_row("÷ widest", *(f"{v / means[-1]:.3f}" for v in means), style="dim")
-    out.print(ffn)
+    layers.add_row("mean", *(f"{v:.4f}" for v in means), style="bold")
+    if means and means[-1] > 0:
+        layers.add_row("÷ widest", *(f"{v / means[-1]:.3f}" for v in means), style="dim")
+    out.print(layers)
 
-    fixed = Table(title="Fixed costs (ms, isolated, median)")
+    fixed = Table(title="Fixed costs (ms, median)")
     fixed.add_column("component")
     add_number_column(fixed, "ms")
-    costs = result["fixed_costs_ms"]
-    attention = sum(v["median_ms"] for k, v in costs.items() if k.startswith("attention."))
-    fixed.add_row("embedding", f"{costs['embedding']['median_ms']:.4f}")
-    fixed.add_row(f"attention + norm (x{config.n_layers} layers)", f"{attention:.4f}")
-    fixed.add_row("final norm + head", f"{costs['head']['median_ms']:.4f}")
+    for component, ms in _grouped_costs(result["fixed_costs_ms"]):
+        fixed.add_row(component, f"{ms:.4f}")
+    fixed.add_row(
+        "fixed cost in the latency model",
+        f"{result['latency_model']['fixed_ms']:.4f}",
+        style="bold",
+    )
     out.print(fixed)
 
     uniform = Table(title="Uniform models (calibration samples)")
     for column in ("model", "params", "measured ms", "predicted ms", "error", "memory MB"):
         add_number_column(uniform, column)
     samples = {tuple(s["widths"]): s for s in result["calibration"]["samples"]}
-    for name, g in zip(config.granularity_names, config.granularities):
-        sample = samples.get(tuple(config.uniform_widths(g)))
+    memory = result.get("memory_uniform_bytes") or {}
+    for name, config in family.uniform_configs().items():
+        sample = samples.get(tuple(config))
         if sample is None:
             continue
         error = (sample["predicted_ms"] / sample["measured_ms"] - 1) * 100
-        memory = result["memory_uniform_bytes"][name]["total"] / 2**20
         uniform.add_row(
             name,
-            f"{param_count(config, config.uniform_widths(g)):,}",
+            f"{family.param_count(config):,}",
             f"{sample['measured_ms']:.3f}",
             f"{sample['predicted_ms']:.3f}",
             f"{error:+.2f} %",
-            f"{memory:.1f}",
+            f"{memory[name]['total'] / 2**20:.1f}" if name in memory else "-",
         )
     out.print(uniform)
     print_validation(result)
+
+
+def _grouped_costs(costs: dict[str, Any]) -> list[tuple[str, float]]:
+    """`attention.0`, `attention.1`... summed into one `attention (x2 layers)` row."""
+    groups: dict[str, list[float]] = {}
+    for name, stats in costs.items():
+        prefix, _, index = name.rpartition(".")
+        key = prefix if prefix and index.isdigit() else name
+        groups.setdefault(key, []).append(stats["median_ms"])
+    return [
+        (
+            f"{key} (x{len(values)} layers)" if len(values) > 1 else key.replace("_", " "),
+            sum(values),
+        )
+        for key, values in groups.items()
+    ]
 
 
 def print_validation(result: dict[str, Any]) -> None:
@@ -312,15 +325,23 @@ def stage_progress() -> Iterator[Callable[[dict[str, Any]], None]]:
         yield on_progress
 
 
-def profile_with_progress(
-    checkpoint: Checkpoint,
+def profile_loaded(
+    family: Family,
     target: HardwareTarget,
     *,
     quick: bool,
+    allow_skip: bool = True,
     extra_widths: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """`profile_checkpoint` with one rich progress bar per profiling stage."""
+    """Put `family` on the target (`prepare_for_target`) and profile it, one rich progress
+    bar per stage. Returns the profile JSON as a dict (`write_profile` writes it)."""
+    prepared = family.prepare_for_target(target)
     with stage_progress() as on_progress:
-        return profile_checkpoint(
-            checkpoint, target, quick=quick, on_progress=on_progress, extra_widths=extra_widths
+        return profiler.profile(
+            prepared,
+            target,
+            quick=quick,
+            allow_skip=allow_skip,
+            on_progress=on_progress,
+            extra_widths=extra_widths,
         )

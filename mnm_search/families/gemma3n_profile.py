@@ -1,9 +1,9 @@
-"""Latency profile of a Gemma 3n checkpoint on a hardware target.
+"""The latency probe of Gemma 3n: what `mnm_search.profiler.profile` times for this family.
 
-Writes the same profile JSON as the native profiler (`mnm_search.profiler.profile_checkpoint`),
-so `LatencyModel.from_profile` loads it and predicts any Gemma 3n configuration. The table
-means something slightly different, because a Gemma 3n configuration drops whole decoder
-layers (width 0), never FFNs alone:
+The profiler writes the same profile JSON for every family, so `LatencyModel.from_profile`
+loads it and predicts any Gemma 3n configuration. The table means something slightly
+different from the native one, because a Gemma 3n configuration drops whole decoder layers
+(width 0), never FFNs alone:
 
 - `ffn_ms[layer][j]` is the time of the WHOLE decoder layer `layer` (attention, AltUp, Laurel,
   per-layer-embedding glue and FFN) when its FFN width is `measured_widths[j]`, so a dropped
@@ -14,13 +14,16 @@ layers (width 0), never FFNs alone:
 Layer times are measured in situ: whole in-place sliced models (`Gemma3nFamily.view_model`,
 sharing the loaded weights) run transformers' own forward while forward hooks on every
 decoder layer read the clock. That needs nothing from the decoder layer's call signature,
-which differs between transformers 4.x and 5.x. The least-squares calibration on measured
-end-to-end latencies and the held-out validation (measured twice, for the noise floor) are
-the native profiler's.
+which differs between transformers 4.x and 5.x. Calibration on measured end-to-end latencies
+and the held-out validation are the profiler's, with two skip anchors added here.
 
 Decode targets keep a KV cache of `context_len` tokens per model; every timed call appends
 `seq_len` tokens and crops them off again, so each call measures the same decode step. That
-roll-back is checked against a full forward before anything is timed.
+roll-back is checked against a full forward before anything is timed (`decode_check` in the
+profile JSON).
+
+The model is never copied: it must already be on the target's device and in its dtype
+(`Gemma3nFamily.prepare_for_target`, or load it in the target's dtype).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
@@ -39,26 +41,11 @@ import transformers
 from torch import nn
 
 from mnm_search.errors import ConfigError, ProfileError
+from mnm_search.families.base import LatencyProbe, LayerTable, Widths
 from mnm_search.families.gemma3n import _USE_CACHE, Gemma3nFamily
-from mnm_search.latency import PROFILE_FORMAT, PROFILE_VERSION, LatencyModel
-from mnm_search.profiler import (
-    TORCH_DTYPES,
-    Clock,
-    ProgressFn,
-    TimingStats,
-    _json_safe,
-    _Stage,
-    calibration_block,
-    latency_model_warnings,
-    pinned_threads,
-    select_device,
-    time_interleaved,
-    validation_block,
-)
-from mnm_search.targets import HardwareTarget, machine_facts
+from mnm_search.profiler import TORCH_DTYPES, Clock, TimingStats
+from mnm_search.targets import HardwareTarget
 
-# Stage names of the progress events, in order (the native profiler's, which the CLI shows).
-STAGES = ("per-layer table", "calibration", "validation pass 1/2", "validation pass 2/2")
 # Share of skippable layers dropped in sampled configurations: enough for the calibration to
 # see dropped layers, few enough that most samples stay close to a real sub-model.
 SKIP_PROBABILITY = 0.1
@@ -66,39 +53,26 @@ TABLE_MEANING = "whole decoder layer time at that FFN width; 0 = layer dropped"
 Runner = Callable[[], object]
 
 
-def profile_gemma3n(
-    family: Gemma3nFamily,
-    target: HardwareTarget,
-    *,
-    quick: bool = False,
-    allow_skip: bool = True,
-    on_progress: ProgressFn | None = None,
-) -> dict[str, Any]:
-    """Measure, calibrate and validate a latency model of a Gemma 3n checkpoint on `target`.
+class Gemma3nProbe(LatencyProbe):
+    """Whole decoder layers timed in situ, and in-place sliced models run end to end."""
 
-    The family's model must already be on the target's device and in its dtype (it is never
-    copied: a real E4B must not be held twice). `allow_skip` lets calibration and validation
-    configurations drop skippable layers (turn it off when the search keeps every layer).
-    `quick` trims repeats and sample sizes for a first look. `on_progress` receives
-    `{"stage", "done", "total"}` events (stages in `STAGES`). Returns the profile JSON as a
-    dict; write it with `profiler.write_profile`.
-    """
-    device = _check_target(family, target)
-    facts = machine_facts(target)
-    repeats = max(5, target.repeats // 2) if quick else target.repeats
-    n_calibration = min(target.calibration, 12) if quick else target.calibration
-    n_validation = min(target.validation, 10) if quick else target.validation
-    widths = table_widths(family)
-    warmup = max(1, target.warmup)  # the first call of a fresh model is never representative
-    rng = random.Random(target.seed)
-    started = time.perf_counter()
+    def __init__(self, family: Gemma3nFamily, target: HardwareTarget, device: torch.device) -> None:
+        _check_target(family, target, device)
+        self.family, self.target, self.device = family, target, device
+        self._decode_check: dict[str, Any] | None = None
 
-    with pinned_threads(target.threads), torch.inference_mode():
-        decode_check = _check_decode(family, target, device) if target.phase == "decode" else None
+    def table_widths(self) -> list[int]:
+        return table_widths(self.family)
 
-        # 1. Whole decoder layers timed in situ, one model per table width, interleaved.
+    def measure_table(
+        self, *, repeats: int, warmup: int, seed: int, on_round: Callable[[int], None]
+    ) -> LayerTable:
+        family, target, device = self.family, self.target, self.device
+        if target.phase == "decode":
+            self._decode_check = _check_decode(family, target, device)
+        # One model per table width (all layers kept), every layer timed by hooks.
+        widths = self.table_widths()
         uniform = [capped_widths(family, w) for w in widths]
-        stage = _Stage(on_progress, STAGES[0], repeats)
         layer_stats, total_stats, outside_stats = _time_layers(
             family,
             target,
@@ -106,155 +80,63 @@ def profile_gemma3n(
             uniform,
             repeats=repeats,
             warmup=warmup,
-            seed=target.seed,
-            on_round=stage,
+            seed=seed,
+            on_round=on_round,
         )
-        per_layer = _table_stats(family, widths, layer_stats)
         # The full model is the widest table model: its time outside the layers is fixed.
-        fixed = outside_stats[-1]
-        latency = LatencyModel(
-            target=target,
-            fingerprint=family.fingerprint,
-            d_ff=max(family.stored_widths),
-            measured_widths=widths,
-            # More FFN neurons never cost less: noise that says otherwise would let the search
-            # take a wider layer for free, so each row is made non-decreasing.
-            ffn_ms=[nondecreasing([s.median_ms for s in row]) for row in per_layer],
-            fixed_ms=max(0.0, fixed.median_ms),
-        )
-
-        # 2. Calibration on end-to-end latencies: the uniform models anchor both ends, the
-        # skip anchors the cost of a dropped layer.
-        anchors = uniform + (skip_anchors(family) if allow_skip else [])
-        calibration = anchors + sample_gemma3n_configs(
-            family,
-            max(0, n_calibration - len(anchors)),
-            rng,
-            allow_skip=allow_skip,
-            exclude=anchors,
-        )
-        stage = _Stage(on_progress, STAGES[1], repeats)
-        calibration_stats = _measure_configs(
-            family,
-            target,
-            device,
-            calibration,
-            repeats=repeats,
-            seed=target.seed + 1,
-            on_round=stage,
-        )
-        latency.fit([(w, s.median_ms) for w, s in zip(calibration, calibration_stats)])
-
-        # 3. Held-out validation, measured in two independent passes for the noise floor.
-        validation = sample_gemma3n_configs(
-            family, n_validation, rng, allow_skip=allow_skip, exclude=calibration
-        )
-        if len(validation) < 3:
-            raise ProfileError(
-                f"only {len(validation)} configuration(s) of this checkpoint are left for "
-                f"validation after {len(calibration)} calibration ones; lower the target's "
-                f"'calibration' ({target.calibration}) or profile a model with more choices"
-            )
-        passes = []
-        for index in (1, 2):
-            stage = _Stage(on_progress, STAGES[1 + index], repeats)
-            passes.append(
-                _measure_configs(
-                    family,
-                    target,
-                    device,
-                    validation,
-                    repeats=repeats,
-                    seed=target.seed + 1 + index,
-                    on_round=stage,
-                )
-            )
-
-    validation_result = validation_block(latency, validation, passes)
-    return _json_safe(
-        {
-            "format": PROFILE_FORMAT,
-            "version": PROFILE_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "quick": quick,
-            "target": target.to_dict(),
-            "device": facts,
-            "checkpoint": {
-                "family": family.name,
-                "fingerprint": family.fingerprint,
-                "path": str(family.path) if family.path else None,
-                "n_layers": family.n_layers,
-                "d_ff": max(family.stored_widths),
-                "step": family.step,
-                "stored_widths": family.stored_widths,
-                "kv_producer_layers": family.kv_producer_layers,
-                "skippable_layers": family.skippable_layers,
-            },
-            "timing": {
-                "statistic": "median",
-                "repeats": repeats,
-                "table_repeats": repeats,
-                "warmup": warmup,
-                "interleaved": True,
-                "rewarm_before_each_sample": True,
-                "clock": "cuda events + synchronize" if device.type == "cuda" else "perf_counter",
-                "table_clock": "perf_counter in forward hooks on every decoder layer"
-                + (" (synchronized)" if device.type == "cuda" else ""),
-                "allow_skip": allow_skip,
-                "transformers": transformers.__version__,
-                "seconds": round(time.perf_counter() - started, 2),
-            },
-            "decode_check": decode_check,
-            "fixed_costs_ms": {
-                "outside_layers": fixed.to_dict(),
-                "full_forward": total_stats[-1].to_dict(),
-            },
-            "ffn_table": {
-                "widths": widths,
-                "per_layer": [
-                    {str(w): s.to_dict() for w, s in zip(widths, row)} for row in per_layer
-                ],
-                "meaning": TABLE_MEANING,
-                "latency_model_rows": "these medians made non-decreasing in width (pool "
-                "adjacent violators)",
+        return LayerTable(
+            widths=widths,
+            per_layer=_table_stats(family, widths, layer_stats),
+            fixed={"outside_layers": outside_stats[-1], "full_forward": total_stats[-1]},
+            fixed_ms=outside_stats[-1].median_ms,
+            meaning=TABLE_MEANING,
+            extra={
                 "above_stored_width": "repeats the layer's time at its stored width "
-                "(such widths are never queried)",
+                "(such widths are never queried)"
             },
-            "latency_model": latency.to_dict(),
-            "calibration": calibration_block(latency, calibration, calibration_stats),
-            "validation": validation_result,
-            "warnings": latency_model_warnings(validation_result),
+        )
+
+    def runner(self, widths: Sequence[int]) -> Runner:
+        view = _view(self.family, widths, self.device)
+        return _runner(view, self.family, self.target, self.device)
+
+    def anchors(self, *, allow_skip: bool) -> list[Widths]:
+        """The uniform models anchor both ends; the skip anchors the cost of a dropped layer."""
+        uniform = [capped_widths(self.family, w) for w in self.table_widths()]
+        return uniform + (skip_anchors(self.family) if allow_skip else [])
+
+    def sample(
+        self,
+        n: int,
+        rng: random.Random,
+        *,
+        allow_skip: bool,
+        exclude: Sequence[Sequence[int]] = (),
+    ) -> list[Widths]:
+        return sample_gemma3n_configs(self.family, n, rng, allow_skip=allow_skip, exclude=exclude)
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        family = self.family
+        return {
+            "d_ff": max(family.stored_widths),
+            "step": family.step,
+            "stored_widths": family.stored_widths,
+            "kv_producer_layers": family.kv_producer_layers,
+            "skippable_layers": family.skippable_layers,
         }
-    )
+
+    def timing_info(self) -> dict[str, Any]:
+        return {
+            "table_clock": "perf_counter in forward hooks on every decoder layer"
+            + (" (synchronized)" if self.device.type == "cuda" else ""),
+            "transformers": transformers.__version__,
+        }
+
+    def extra_blocks(self) -> dict[str, Any]:
+        return {"decode_check": self._decode_check}
 
 
 # ------------------------------------------------------------------------ configurations
-
-
-def measure_gemma3n_latency(
-    family: Gemma3nFamily,
-    target: HardwareTarget,
-    configs: Sequence[Sequence[int]],
-    *,
-    on_round: Callable[[int], None] | None = None,
-) -> list[TimingStats]:
-    """End-to-end latency of each configuration's in-place sliced model on `target`.
-
-    The configurations are timed interleaved (`target.repeats` rounds), so their ratios hold
-    even while the machine drifts. The model must already be on the target's device and in
-    its dtype (a `ConfigError` says how otherwise): measuring never copies it.
-    """
-    device = _check_target(family, target)
-    with pinned_threads(target.threads), torch.inference_mode():
-        return _measure_configs(
-            family,
-            target,
-            device,
-            configs,
-            repeats=target.repeats,
-            seed=target.seed,
-            on_round=on_round or (lambda done: None),
-        )
 
 
 def table_widths(family: Gemma3nFamily) -> list[int]:
@@ -294,7 +176,7 @@ def sample_gemma3n_configs(
 ) -> list[list[int]]:
     """Up to `n` distinct valid configurations spread from small to large.
 
-    As `profiler.sample_configs`: each draws a size level, then every layer a width near it,
+    As the native `sample_configs`: each draws a size level, then every layer a width near it,
     so totals cover the whole range instead of clustering in the middle. Widths are capped at
     each layer's stored width; with `allow_skip`, skippable layers are dropped (0) with
     probability `SKIP_PROBABILITY`.
@@ -324,8 +206,8 @@ def sample_gemma3n_configs(
 # ---------------------------------------------------------------------------- the target
 
 
-def _check_target(family: Gemma3nFamily, target: HardwareTarget) -> torch.device:
-    """The target's device, after checking that the loaded model can run the target as is."""
+def _check_target(family: Gemma3nFamily, target: HardwareTarget, device: torch.device) -> None:
+    """Check that the loaded model can run the target as is (it is never copied)."""
     if not family.has_weights:
         raise ConfigError(
             "this Gemma 3n checkpoint was loaded without weights (weights=False); load it with "
@@ -338,12 +220,11 @@ def _check_target(family: Gemma3nFamily, target: HardwareTarget) -> torch.device
             f"{target.context_len} + seq_len {target.seq_len}), but this Gemma 3n checkpoint "
             f"holds at most max_position_embeddings={limit}; lower seq_len/context_len"
         )
-    device = select_device(target.device)
     weights = family.model.model.embed_tokens.weight
     if weights.device != device:
         raise ConfigError(
             f"target {target.name!r} runs on device {target.device!r}, but the Gemma 3n model "
-            f"is on {weights.device}; move it first (family.model.to({str(device)!r}), in "
+            f"is on {weights.device}; move it first (family.prepare_for_target(target), in "
             f"place) or use a target for {weights.device.type}: profiling never copies the "
             f"model"
         )
@@ -353,10 +234,9 @@ def _check_target(family: Gemma3nFamily, target: HardwareTarget) -> torch.device
         raise ConfigError(
             f"target {target.name!r} asks for dtype {target.dtype!r}, but the Gemma 3n model "
             f"is loaded as {loaded}; load it with Gemma3nFamily.load(path, "
-            f"dtype={target.dtype!r}) or use a target with dtype: {loaded} (profiling never "
-            f"copies the model to convert it)"
+            f"dtype={target.dtype!r}) or family.prepare_for_target(target) (in place), or use "
+            f"a target with dtype: {loaded} (profiling never copies the model to convert it)"
         )
-    return device
 
 
 def _token_ids(
@@ -579,37 +459,3 @@ def _table_stats(
             [layer_stats[j][layer] if w <= stored else at_stored for j, w in enumerate(widths)]
         )
     return table
-
-
-def nondecreasing(values: Sequence[float]) -> list[float]:
-    """The closest non-decreasing sequence in least squares (pool adjacent violators)."""
-    blocks: list[list[float]] = []  # [sum, count] of runs pooled to their mean
-    for value in values:
-        blocks.append([value, 1])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-            total, count = blocks.pop()
-            blocks[-1][0] += total
-            blocks[-1][1] += count
-    return [total / count for total, count in blocks for _ in range(int(count))]
-
-
-def _measure_configs(
-    family: Gemma3nFamily,
-    target: HardwareTarget,
-    device: torch.device,
-    configs: Sequence[Sequence[int]],
-    *,
-    repeats: int,
-    seed: int,
-    on_round: Callable[[int], None],
-) -> list[TimingStats]:
-    """End-to-end latency of each configuration's in-place sliced model, interleaved."""
-    runners = [_runner(_view(family, w, device), family, target, device) for w in configs]
-    return time_interleaved(
-        runners,
-        device=device,
-        repeats=repeats,
-        warmup=max(1, target.warmup),
-        seed=seed,
-        on_round=on_round,
-    )

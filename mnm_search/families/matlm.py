@@ -7,7 +7,9 @@ forward cut at layer boundaries (prefix caching), the latency probe, decoding an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,18 @@ from mnm_search.config import (
     validate_widths,
 )
 from mnm_search.data import EvalSet, load_eval_set
-from mnm_search.errors import ConfigError
-from mnm_search.families.base import Decoder, Family, LatencyProbe, LayerSteps, Widths
+from mnm_search.errors import ConfigError, ProfileError
+from mnm_search.families.base import (
+    Decoder,
+    Family,
+    LatencyProbe,
+    LayerSteps,
+    LayerTable,
+    Widths,
+)
 from mnm_search.memory import MemoryEstimate, memory_bytes
 from mnm_search.model import KVCache, MatLM
+from mnm_search.profiler import TORCH_DTYPES, select_device, time_interleaved
 from mnm_search.slicing import slice_model
 from mnm_search.space import SearchSpace
 from mnm_search.targets import HardwareTarget
@@ -180,7 +190,15 @@ class MatLMFamily(Family):
     # -- latency, decoding, export ------------------------------------------------------
 
     def latency_probe(self, target: HardwareTarget, device: torch.device) -> LatencyProbe:
-        raise NotImplementedError("moved here from profiler.py (issue 12, in progress)")
+        return MatLMProbe(self.model, target, device)
+
+    def prepare_for_target(self, target: HardwareTarget) -> MatLMFamily:
+        """A copy on the target's device and dtype (this one stays float32 for evaluation);
+        the fingerprint is the checkpoint's, so its profile still matches."""
+        from dataclasses import replace
+
+        model = _on_target(self.model, target, select_device(target.device))
+        return self if model is self.model else MatLMFamily(replace(self.checkpoint, model=model))
 
     def decoder(self, widths: Sequence[int] | None = None) -> Decoder:
         return MatLMDecoder(self.model, widths)
@@ -492,3 +510,243 @@ def verify_onnx(path: Path, model: MatLM) -> float:
             f"the ONNX file was not written"
         )
     return worst
+
+
+# ------------------------------------------------------------------------------ latency
+# What `mnm_search.profiler` times for a native checkpoint: the fixed costs (embedding,
+# attention of every layer, head) and every layer's FFN at every table width in isolation, and
+# whole configurations as physically sliced models (what export ships).
+
+SKIP_PROBABILITY = 0.1  # share of FFNs dropped in sampled configurations (with allow_skip)
+TABLE_MEANING = "FFN time at that width, isolated"
+
+
+class MatLMProbe(LatencyProbe):
+    """The latency probe of a universal native model on one target.
+
+    The model may be on any device and in any dtype: every timed model is a sliced copy on
+    the target's (native models are small).
+    """
+
+    def __init__(self, model: MatLM, target: HardwareTarget, device: torch.device) -> None:
+        config = model.config
+        if not config.is_universal:
+            raise ProfileError(
+                "profile the universal checkpoint, not an exported submodel: the profile must "
+                "cover every width the search can choose"
+            )
+        if target.total_len > config.max_seq_len:
+            raise ConfigError(
+                f"target {target.name!r} needs {target.total_len} positions (context_len "
+                f"{target.context_len} + seq_len {target.seq_len}), but the checkpoint holds at "
+                f"most max_seq_len={config.max_seq_len}"
+            )
+        self.model, self.config, self.target, self.device = model, config, target, device
+        self._widths = sorted(config.granularities)
+        self._table_repeats: int | None = None
+
+    def measure_extra_widths(self, widths: Sequence[int]) -> None:
+        """Also measure these FFN widths in the table (others are interpolated)."""
+        for width in widths:
+            if not 0 < width <= self.config.d_ff:
+                raise ConfigError(f"extra width {width} is outside (0, {self.config.d_ff}]")
+        self._widths = sorted(set(self._widths) | {int(w) for w in widths})
+
+    def table_widths(self) -> list[int]:
+        return list(self._widths)
+
+    def measure_table(
+        self, *, repeats: int, warmup: int, seed: int, on_round: Callable[[int], None]
+    ) -> LayerTable:
+        widths = self.table_widths()
+        fixed_fns, ffn_fns = self._component_runners(widths)
+        flat = list(fixed_fns.values()) + [fn for row in ffn_fns for fn in row]
+        # Isolated ops are cheap: twice the repeats steady the table every prediction uses
+        # (progress still counts `repeats` rounds, one per two timed).
+        self._table_repeats = 2 * repeats
+        stats = time_interleaved(
+            flat,
+            device=self.device,
+            repeats=self._table_repeats,
+            warmup=warmup,
+            seed=seed,
+            on_round=lambda done: on_round(done // 2) if done % 2 == 0 else None,
+        )
+        fixed = dict(zip(fixed_fns, stats[: len(fixed_fns)]))
+        ffn_stats = stats[len(fixed_fns) :]
+        per_layer = [
+            ffn_stats[layer * len(widths) : (layer + 1) * len(widths)]
+            for layer in range(self.config.n_layers)
+        ]
+        return LayerTable(
+            widths=widths,
+            per_layer=per_layer,
+            fixed=fixed,
+            fixed_ms=sum(s.median_ms for s in fixed.values()),
+            meaning=TABLE_MEANING,
+            extra={
+                "trained_granularities": list(self.config.granularities),
+                "extra_measured_widths": sorted(set(widths) - set(self.config.granularities)),
+            },
+        )
+
+    def runner(self, widths: Sequence[int]) -> Callable[[], object]:
+        sliced = _on_target(slice_model(self.model, list(widths)), self.target, self.device)
+        return make_runner(sliced, self.target, self.device)
+
+    def anchors(self, *, allow_skip: bool) -> list[Widths]:
+        return [self.config.uniform_widths(g) for g in self.config.granularities]
+
+    def sample(
+        self,
+        n: int,
+        rng: random.Random,
+        *,
+        allow_skip: bool,
+        exclude: Sequence[Sequence[int]] = (),
+    ) -> list[Widths]:
+        return sample_configs(
+            self.config,
+            n,
+            rng,
+            widths=self._widths,
+            skip_probability=SKIP_PROBABILITY if allow_skip else 0.0,
+            exclude=exclude,
+        )
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "d_model": config.d_model,
+            "d_ff": config.d_ff,
+            "granularities": list(config.granularities),
+        }
+
+    def timing_info(self) -> dict[str, Any]:
+        return {} if self._table_repeats is None else {"table_repeats": self._table_repeats}
+
+    def extra_blocks(self) -> dict[str, Any]:
+        config, target = self.config, self.target
+        return {
+            "memory_uniform_bytes": {
+                name: memory_bytes(config, config.uniform_widths(g), target).to_dict()
+                for name, g in zip(config.granularity_names, config.granularities)
+            }
+        }
+
+    def _component_runners(
+        self, widths: Sequence[int]
+    ) -> tuple[dict[str, Callable[[], object]], list[list[Callable[[], object]]]]:
+        """Isolated callables for the fixed costs and for every layer's FFN at every width."""
+        model, config, target, device = self.model, self.config, self.target, self.device
+        dtype = TORCH_DTYPES[target.dtype]
+        batch, seq, context = target.batch, target.seq_len, target.context_len
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, seq, config.d_model, generator=generator).to(device, dtype)
+        ids = token_ids(config, batch, seq, device)
+        positions = torch.arange(context, context + seq, device=device)
+        full = _on_target(slice_model(model, [config.d_ff] * config.n_layers), target, device)
+        cache = None
+        if target.phase == "decode":
+            cache = KVCache.empty(config, batch=batch, device=device, dtype=dtype)
+            with torch.inference_mode():
+                full(token_ids(config, batch, context, device), cache=cache)
+
+        def attention(block: Any, layer: int) -> Callable[[], object]:
+            # The cache length stays at `context`: every call writes the same new position.
+            return lambda: x + block.attn(block.attn_norm(x), cache=cache, layer=layer)
+
+        fixed: dict[str, Callable[[], object]] = {
+            "embedding": lambda: full.wte(ids) + full.wpe(positions),
+            "head": lambda: full.lm_head(full.norm(x)),
+        }
+        for layer, block in enumerate(full.blocks):
+            fixed[f"attention.{layer}"] = attention(block, layer)
+
+        def ffn(block: Any, width: int) -> Callable[[], object]:
+            return lambda: x + block.ffn(block.ffn_norm(x), width)
+
+        per_layer: list[list[Callable[[], object]]] = [[] for _ in range(config.n_layers)]
+        for width in widths:
+            sliced = _on_target(slice_model(model, [width] * config.n_layers), target, device)
+            for layer, block in enumerate(sliced.blocks):
+                per_layer[layer].append(ffn(block, width))
+        return fixed, per_layer
+
+
+def _on_target(model: MatLM, target: HardwareTarget, device: torch.device) -> MatLM:
+    """The model on the target's device and dtype (a copy if anything must change)."""
+    dtype = TORCH_DTYPES[target.dtype]
+    param = next(model.parameters())
+    if param.device != device or param.dtype != dtype:
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def token_ids(config: ModelConfig, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """Fixed random token ids [batch, length] (the same for the same length)."""
+    generator = torch.Generator().manual_seed(length)
+    return torch.randint(config.vocab_size, (batch, length), generator=generator).to(device)
+
+
+def make_runner(
+    model: MatLM,
+    target: HardwareTarget,
+    device: torch.device,
+    widths: Sequence[int] | None = None,
+) -> Callable[[], object]:
+    """A no-argument callable running one forward of `model` at the target's phase.
+
+    Decode: the KV cache is filled with `context_len` tokens once; every call then appends
+    `seq_len` token(s) at the same position (resetting the cache length), so each call
+    measures the same decode step.
+    """
+    config = model.config
+    ids = token_ids(config, target.batch, target.seq_len, device)
+    widths = list(widths) if widths is not None else None
+    if target.phase == "prefill":
+        return lambda: model(ids, widths)
+    cache = KVCache.empty(
+        config, batch=target.batch, device=device, dtype=TORCH_DTYPES[target.dtype]
+    )
+    with torch.inference_mode():
+        model(token_ids(config, target.batch, target.context_len, device), widths, cache=cache)
+
+    def step() -> torch.Tensor:
+        cache.length = target.context_len
+        return model(ids, widths, cache=cache)
+
+    return step
+
+
+def sample_configs(
+    config: ModelConfig,
+    n: int,
+    rng: random.Random,
+    *,
+    widths: Sequence[int] | None = None,
+    skip_probability: float = SKIP_PROBABILITY,
+    exclude: Sequence[Sequence[int]] = (),
+) -> list[list[int]]:
+    """`n` distinct configurations spread from small to large (plus occasional skipped FFNs).
+
+    Each draws a size level, then every layer a width near it, so totals cover the whole
+    range instead of clustering in the middle as independent uniform choices would.
+    """
+    choices = sorted(widths or config.granularities)
+    seen = {tuple(w) for w in exclude}
+    configs: list[list[int]] = []
+    for _ in range(200 * n):
+        if len(configs) == n:
+            break
+        level = rng.uniform(0, len(choices) - 1)
+        candidate = [
+            0
+            if rng.random() < skip_probability
+            else choices[min(len(choices) - 1, max(0, round(rng.gauss(level, 0.8))))]
+            for _ in range(config.n_layers)
+        ]
+        if tuple(candidate) not in seen:
+            seen.add(tuple(candidate))
+            configs.append(candidate)
+    return configs
