@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mnm_search._files import atomic_write_text
-from mnm_search.errors import ConfigError, DeviceError, ProfileError
+from mnm_search.errors import DeviceError, ProfileError
 from mnm_search.latency import (
     PROFILE_FORMAT,
     PROFILE_VERSION,
@@ -307,13 +307,7 @@ def profile(
     with pinned_threads(target.threads), torch.inference_mode():
         probe = family.latency_probe(target, device)
         if extra_widths:
-            measure_extra = getattr(probe, "measure_extra_widths", None)
-            if measure_extra is None:
-                raise ConfigError(
-                    f"extra table widths (--measure-widths) do not apply to {family.name} "
-                    f"checkpoints: their table already measures every width they can take"
-                )
-            measure_extra([int(w) for w in extra_widths])
+            probe.measure_extra_widths([int(w) for w in extra_widths])
 
         # 1. Fixed costs and every layer at every table width, interleaved.
         stage = _Stage(on_progress, STAGES[0], repeats)

@@ -137,6 +137,13 @@ class LatencyProbe(ABC):
     def table_widths(self) -> list[int]:
         """The FFN widths the per-layer table measures."""
 
+    def measure_extra_widths(self, widths: Sequence[int]) -> None:
+        """Also measure these FFN widths in the table (`mnm profile --measure-widths`)."""
+        raise ConfigError(
+            f"extra table widths ({', '.join(map(str, widths))}) do not apply to this family: "
+            f"its table already measures every width it can take"
+        )
+
     @abstractmethod
     def measure_table(
         self, *, repeats: int, warmup: int, seed: int, on_round: Callable[[int], None]
