@@ -44,7 +44,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Pa
     def no_work(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the refusal must come before the work")
 
-    monkeypatch.setattr(_profile, "profile_checkpoint", no_work)
+    monkeypatch.setattr(_profile, "profile_loaded", no_work)
     monkeypatch.setattr(_search, "run_search", no_work)
     monkeypatch.setattr(Trainer, "run", no_work)
     return tmp_path
