@@ -3,6 +3,7 @@
 from mnm_search.checkpoint import load_checkpoint, load_model, save_checkpoint
 from mnm_search.config import ModelConfig, param_count, parse_widths
 from mnm_search.errors import MnmError
+from mnm_search.families import load_family
 from mnm_search.model import MatLM
 from mnm_search.slicing import slice_model
 
@@ -14,6 +15,7 @@ __all__ = [
     "ModelConfig",
     "__version__",
     "load_checkpoint",
+    "load_family",
     "load_model",
     "param_count",
     "parse_widths",

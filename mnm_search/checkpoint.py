@@ -245,6 +245,14 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     )
 
 
-def load_model(path: str | Path | None = None) -> MatLM:
-    """Universal or exported checkpoint directory -> model in eval mode (None: the default)."""
-    return load_checkpoint(path).model
+def load_model(path: str | Path | None = None) -> torch.nn.Module:
+    """Any registered family's checkpoint directory -> a module in eval mode (DESIGN.md §4).
+
+    `model(input_ids)` runs the checkpoint as stored (an exported submodel: its own dense
+    forward), `model(input_ids, widths=[...])` any Mix'n'Match configuration of a universal
+    one; both return logits [B, T, vocab]. None loads the embedded default checkpoint.
+    Native-only code that needs the config and metadata too uses `load_checkpoint`.
+    """
+    from mnm_search.families import load_family  # the registry imports this module
+
+    return load_family(path).module().eval()

@@ -1,5 +1,9 @@
 """Hardware targets: where and how a model runs, read from `profiles/NAME.yaml`.
 
+The shipped targets live in the package (`mnm_search/profiles/`, installed with the wheel;
+the repository's top-level `profiles/` points there), so `--target cpu-decode` works by bare
+name from any directory; any other YAML file is named by its path.
+
 A target fixes everything that changes latency: device, dtype, CPU threads, batch size and
 the phase (`prefill`: `seq_len` new tokens from scratch; `decode`: `seq_len` new tokens,
 usually 1, after a KV cache holding `context_len` tokens), plus how carefully to time it.
@@ -184,12 +188,12 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 
 def load_target(path: str | Path) -> HardwareTarget:
-    """Read and validate a target YAML file; `name` defaults to the file's stem."""
-    path = Path(path)
-    if not path.is_file():
-        shipped = sorted(p.name for p in default_profiles_dir().glob("*.yaml"))
-        hint = f"; shipped targets: {', '.join(shipped)}" if shipped else ""
-        raise ConfigError(f"target file {path} does not exist{hint}")
+    """Read and validate a target YAML file; `name` defaults to the file's stem.
+
+    A bare name (`cpu-decode` or `cpu-decode.yaml`, no directory) that is not a file here
+    names a shipped target.
+    """
+    path = resolve_target_path(path)
     size = path.stat().st_size
     if size > MAX_TARGET_BYTES:
         raise ConfigError(
@@ -224,8 +228,27 @@ def _name_from_stem(stem: str) -> str:
 
 
 def default_profiles_dir() -> Path:
-    """The `profiles/` directory of the source tree (the shipped targets)."""
-    return Path(__file__).resolve().parent.parent / "profiles"
+    """The shipped targets' directory, inside the package (so installed wheels have it)."""
+    return Path(__file__).resolve().parent / "profiles"
+
+
+def shipped_target_names() -> list[str]:
+    """Names of the shipped targets (`cpu-prefill`, ...), for help texts and errors."""
+    return sorted(p.stem for p in default_profiles_dir().glob("*.yaml"))
+
+
+def resolve_target_path(spec: str | Path) -> Path:
+    """The YAML file a `--target` names: a path, else a shipped target's bare name."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = shipped_target_names()
+    if len(path.parts) == 1 and path.suffix in ("", ".yaml", ".yml"):
+        candidate = default_profiles_dir() / f"{path.stem if path.suffix else path.name}.yaml"
+        if candidate.is_file():
+            return candidate
+    hint = f"; shipped targets (usable by name from anywhere): {', '.join(shipped)}"
+    raise ConfigError(f"target file {path} does not exist{hint if shipped else ''}")
 
 
 def default_target() -> HardwareTarget:

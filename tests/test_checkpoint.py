@@ -56,6 +56,55 @@ def test_exported_slice_loads_and_runs_dense(tiny_model: MatLM, tmp_path: Path) 
         assert (dense(ids) - tiny_model(ids, widths)).abs().max().item() <= 1e-5
 
 
+def test_load_model_takes_widths_for_a_universal_checkpoint(
+    tiny_model: MatLM, tiny_checkpoint: Path
+) -> None:
+    model = load_model(tiny_checkpoint)
+    assert isinstance(model, torch.nn.Module) and not model.training
+    ids = torch.randint(0, 256, (2, 7))
+    widths = [8, 32, 0]
+    with torch.no_grad():
+        assert torch.equal(model(ids, widths=widths), tiny_model(ids, widths))
+        assert torch.equal(model(ids), tiny_model(ids))  # no widths: the full model
+        assert model(ids).shape == (2, 7, 256)
+
+
+def test_load_model_without_a_path_is_the_default_checkpoint() -> None:
+    import mnm_search
+
+    model = mnm_search.load_model()
+    default = load_checkpoint(None).model
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(model(ids, widths=[128] * 6), default(ids, [128] * 6))
+
+
+def test_load_model_loads_a_gemma3n_checkpoint(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from gemma3n_models import save_tiny_checkpoint
+
+    from mnm_search.families import load_family
+
+    path = save_tiny_checkpoint(tmp_path / "gemma")
+    try:
+        model = load_model(path)
+    except NotImplementedError as exc:
+        pytest.skip(f"the Gemma 3n family has no module() yet: {exc}")
+    family = load_family(path)
+    ids = torch.randint(0, 64, (1, 6))
+    widths = [128, 64, 256, 192, 0, 64]
+    assert not model.training
+    with torch.no_grad():
+        assert torch.allclose(model(ids, widths=widths), family.logits(ids, widths), atol=1e-5)
+        assert model(ids).shape[:2] == (1, 6)
+
+
+def test_load_model_refuses_an_unsupported_family(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="unsupported model family"):
+        load_model(tmp_path)
+
+
 def test_existing_directory_is_not_overwritten(tiny_model: MatLM, tiny_checkpoint: Path) -> None:
     with pytest.raises(CheckpointError, match="already exists"):
         save_checkpoint(tiny_model, tiny_checkpoint)

@@ -108,3 +108,55 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0
     assert "Example: mnm" in result.output
+
+
+def test_info_of_an_exported_checkpoint(tiny_model: MatLM, tmp_path: Path) -> None:
+    from mnm_search.checkpoint import save_checkpoint
+    from mnm_search.slicing import slice_model
+
+    path = save_checkpoint(
+        slice_model(tiny_model, [8, 0, 64]), tmp_path / "x", metadata={"source_fingerprint": "ab"}
+    )
+    data = _json(["info", str(path), "--json"])
+    assert data["kind"] == "exported" and data["ffn_widths"] == [8, 0, 64]
+    assert data["params"] == param_count(tiny_model.config, [8, 0, 64])
+    assert data["source_fingerprint"] == "ab" and "n_configs" not in data
+    table = runner.invoke(app, ["info", str(path)], env={"COLUMNS": "100"})
+    assert table.exit_code == 0, table.output
+    assert "S 0 XL" in table.output and "exported from" in table.output
+
+
+def test_info_eval_and_load_model_serve_any_registered_family(tmp_path: Path) -> None:
+    """A family registered outside the package (the contract suite's toy) goes through the
+    same `info`, `eval` and `load_model` code as the built-in ones."""
+    contract = pytest.importorskip("test_family_contract")
+    import torch
+
+    from mnm_search import load_model
+    from mnm_search.evaluator import evaluate_loss
+    from mnm_search.families import load_family, register_family, unregister_family
+
+    register_family("toy", summary="toy", detect=contract._is_toy, load=contract.ToyFamily.load)
+    try:
+        path = contract.save_toy_checkpoint(tmp_path / "toy")
+        family = load_family(path)
+        data = _json(["info", str(path), "--json"])
+        assert data["family"] == "toy" and data["n_layers"] == family.n_layers
+        assert data["params"] == family.param_count()
+        space = family.search_space(allow_skip=False)
+        assert data["n_configs"]["mix_n_match"] == space.size
+        assert runner.invoke(app, ["info", str(path)]).exit_code == 0
+        widths = [8, 32, 16]
+        result = _json(["eval", str(path), "-w", "8,32,16", "--max-tokens", "256", "--json"])
+        eval_set = family.load_eval_set(None, max_tokens=256)
+        assert result["family"] == "toy" and result["widths"] == widths
+        assert result["loss"] == pytest.approx(
+            evaluate_loss(family.logits, eval_set, widths), abs=1e-6
+        )
+        assert result["params"] == family.param_count(widths)
+        model = load_model(path)
+        ids = eval_set.inputs[:2]
+        with torch.no_grad():
+            assert torch.allclose(model(ids, widths=widths), family.logits(ids, widths))
+    finally:
+        unregister_family("toy")

@@ -13,7 +13,8 @@ import typer.main
 from rich.console import Console
 from typer.testing import CliRunner
 
-from mnm_search.cli import _common, _core, _profile, app
+from mnm_search import profiler
+from mnm_search.cli import _common, _core, app
 from mnm_search.profiler import latency_model_warnings
 
 runner = CliRunner()
@@ -271,7 +272,7 @@ def test_profile_warns_about_an_unreliable_latency_model(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    measured = _profile.profile_checkpoint
+    measured = profiler.profile
 
     def fake_validation(*args: Any, **kwargs: Any) -> dict[str, Any]:
         result = measured(*args, **kwargs)
@@ -279,7 +280,7 @@ def test_profile_warns_about_an_unreliable_latency_model(
         result["warnings"] = latency_model_warnings(result["validation"])
         return result
 
-    monkeypatch.setattr(_profile, "profile_checkpoint", fake_validation)
+    monkeypatch.setattr(profiler, "profile", fake_validation)
     out = tmp_path / "p.json"
     args = ["profile", str(tiny_checkpoint), "-t", str(target_file), "-o", str(out), "--json"]
     result = runner.invoke(app, args, env={"COLUMNS": "80"})

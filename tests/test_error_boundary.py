@@ -175,14 +175,14 @@ def test_failures_become_one_line(
     code: int,
     fragments: tuple[str, ...],
 ) -> None:
-    monkeypatch.setattr("mnm_search.cli._core.load_checkpoint", _raiser(make()))
+    monkeypatch.setattr("mnm_search.cli._core.load_family", _raiser(make()))
     line = _assert_one_line(_invoke(["info"]), code, *fragments)
     if code == 1:
         assert line.startswith("Error: ")
 
 
 def test_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("mnm_search.cli._core.load_checkpoint", _raiser(ValueError("boom")))
+    monkeypatch.setattr("mnm_search.cli._core.load_family", _raiser(ValueError("boom")))
     result = _invoke(["--debug", "info"])
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
 
@@ -206,7 +206,7 @@ def _sqlalchemy_with(message: str) -> BaseException:
 def test_passwords_never_reach_the_terminal(
     monkeypatch: pytest.MonkeyPatch, make: Callable[[], BaseException]
 ) -> None:
-    monkeypatch.setattr("mnm_search.cli._search.load_checkpoint", _raiser(make()))
+    monkeypatch.setattr("mnm_search.cli._search.load_family", _raiser(make()))
     result = _invoke(["search", "--storage", STORAGE, "--trials", "1"])
     line = _assert_one_line(result, 1, "***")
     assert PASSWORD not in result.output and PASSWORD not in line
@@ -218,7 +218,7 @@ def test_passwords_on_the_real_command_line_are_masked_everywhere(
     # The secret is only in sys.argv (as for `mnm` run from a shell), not in any parameter.
     monkeypatch.setattr(sys, "argv", ["mnm", "search", "--storage", STORAGE])
     monkeypatch.setattr(
-        "mnm_search.cli._core.load_checkpoint", _raiser(RuntimeError(f"saw {PASSWORD} in it"))
+        "mnm_search.cli._core.load_family", _raiser(RuntimeError(f"saw {PASSWORD} in it"))
     )
     line = _assert_one_line(_invoke(["info"]), 1, "internal error", "***")
     assert PASSWORD not in line
@@ -391,3 +391,29 @@ def test_main_ends_cleanly_and_then_ignores_signals(
         pytest.fail("main() returned without an exit status")
     assert capsys.readouterr().err.strip() == (line or "")
     assert handlers == {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN}
+
+
+def test_usage_errors_inside_a_command_are_typers_to_print() -> None:
+    """The boundary passes typer's own usage errors through (exit 2 with typer's message),
+    recognised by typer's public `TyperException`, not by a private click import."""
+    import typer
+
+    small = typer.Typer()
+
+    @small.command()
+    @user_errors
+    def check(value: int = 0) -> None:
+        raise typer.BadParameter(f"{value} is not allowed", param_hint="--value")
+
+    result = CliRunner().invoke(small, ["--value", "3"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --value: 3 is not allowed" in " ".join(result.output.split())
+    cli_dir = Path(_common.__file__).parent
+    for module in cli_dir.glob("*.py"):
+        assert "._click" not in module.read_text(), module  # typer's private copy of click
+
+
+def test_debug_applies_to_one_invocation_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mnm_search.cli._core.load_family", _raiser(ValueError("boom")))
+    assert isinstance(_invoke(["--debug", "info"]).exception, ValueError)
+    _assert_one_line(_invoke(["info"]), 1, "internal error", "boom")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 
 from mnm_search.pareto import (
     ResultsError,
+    exact_hypervolume,
     hypervolume,
     pareto_front,
     pareto_mask,
@@ -122,3 +126,47 @@ def test_read_results_errors(tmp_path: Path) -> None:
     (tmp_path / "partial" / "trials.csv").write_text("trial\n")
     with pytest.raises(ResultsError, match=r"pareto\.csv, run\.json"):
         read_results(tmp_path / "partial")
+
+
+def _grid_hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
+    """Independent exact reference: the grid of every coordinate, each cell tested."""
+    axes = [np.unique(np.append(points[:, j], reference[j])) for j in range(points.shape[1])]
+    total = 0.0
+    for cell in itertools.product(*(range(len(a) - 1) for a in axes)):
+        low = np.array([a[i] for a, i in zip(axes, cell)])
+        if np.any(np.all(points <= low, axis=1)):
+            total += float(np.prod([a[i + 1] - a[i] for a, i in zip(axes, cell)]))
+    return total
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "seed"), [(1, 5, 0), (2, 9, 1), (3, 8, 2), (3, 12, 3), (4, 7, 4)]
+)
+def test_exact_hypervolume_matches_a_brute_force_grid(k: int, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    points = rng.random((n, k))
+    points[1] = points[0]  # a duplicate
+    if n > 3:
+        points[3] = points[2] + 0.05  # a dominated point
+    reference = np.full(k, 1.1)
+    assert exact_hypervolume(points, reference) == pytest.approx(
+        _grid_hypervolume(points, reference), rel=1e-12
+    )
+
+
+def test_exact_hypervolume_edge_cases() -> None:
+    reference = np.array([1.0, 1.0, 1.0])
+    assert exact_hypervolume(np.empty((0, 3)), reference) == 0.0
+    # points on or beyond the reference add nothing
+    assert exact_hypervolume(np.array([[1.0, 0.0, 0.0], [2.0, 2.0, 2.0]]), reference) == 0.0
+    assert exact_hypervolume(np.array([[0.5, 0.5, 0.5]]), reference) == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="do not match"):
+        exact_hypervolume(np.zeros((2, 2)), reference)
+
+
+def test_pareto_tables_need_no_optuna() -> None:
+    """The hypervolume is computed here, not with Optuna's private `optuna._hypervolume`."""
+    code = "import sys, mnm_search.pareto; print('optuna' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mnm_search.cli import app
+from mnm_search.config import run_length_widths
 from mnm_search.pareto import pareto_front
 
 GRANS = (128, 256, 512, 1024)
@@ -130,3 +131,52 @@ def test_pareto_bad_input(
     assert result.exit_code == 1
     assert message in result.output
     assert not (tmp_path / "res" / "pareto.png").exists()
+
+
+def _rewrite_run_info(directory: Path, **changes: object) -> None:
+    info = json.loads((directory / "run.json").read_text())
+    info.update(changes)
+    (directory / "run.json").write_text(json.dumps(info))
+
+
+def test_width_names_come_from_run_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_results(tmp_path / "res")
+    names = {"128": "xs", "256": "s", "512": "m", "1024": "l"}
+    # The checkpoint is gone: the recorded names are all that is needed.
+    _rewrite_run_info(tmp_path / "res", width_names=names, checkpoint=str(tmp_path / "gone"))
+    data = json.loads(_invoke(["pareto", "res", "--json"]).stdout)
+    for row in data["front"]:
+        assert row["widths_compact"] == " ".join(names[str(w)] for w in row["widths"])
+    assert {row["nearest_uniform"] for row in data["front"]} <= {None, *names.values()}
+
+
+def test_widths_stay_numbers_without_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An old run.json whose checkpoint is gone: no names to show, run-length numbers."""
+    monkeypatch.chdir(tmp_path)
+    write_results(tmp_path / "res")
+    _rewrite_run_info(tmp_path / "res", checkpoint=str(tmp_path / "gone"))
+    result = _invoke(["pareto", "res", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    first = data["front"][0]
+    assert first["widths_compact"] == run_length_widths(first["widths"])
+    # uniform seeds are still recognised, by their seed kind, and named by their width
+    assert {row["nearest_uniform"] for row in data["front"]} - {None} <= {"128", "256", "512"}
+
+
+def test_seed_kind_column_decides_what_a_row_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    trials = write_results(tmp_path / "res")
+    kinds = {"uniform": "uniform", "min-slope": "min-slope", "sampler": ""}
+    trials["seed_kind"] = [kinds[s.split()[0]] for s in trials["source"]]
+    trials["source"] = "relabelled"  # labels are for people; the kind is what is read
+    trials.to_csv(tmp_path / "res" / "trials.csv", index=False)
+    _rewrite_run_info(tmp_path / "res", width_names={}, checkpoint=str(tmp_path / "gone"))
+    from mnm_search.cli._pareto import Results
+
+    uniform, heuristic = Results(tmp_path / "res").labelled()
+    assert sorted(uniform) == ["1024", "128", "256", "512"]
+    assert len(heuristic) == 3

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import mnm_search
 from mnm_search.errors import ConfigError
 from mnm_search.targets import (
     HardwareTarget,
@@ -14,6 +15,7 @@ from mnm_search.targets import (
     hardware_differences,
     load_target,
     machine_facts,
+    shipped_target_names,
 )
 
 
@@ -89,8 +91,45 @@ def test_error_names_the_file(tmp_path: Path) -> None:
 
 
 def test_missing_file_lists_shipped_targets(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"does not exist.*cpu-decode\.yaml"):
+    with pytest.raises(ConfigError, match=r"does not exist.*usable by name.*cpu-decode"):
         load_target(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"target file gpu-fast does not exist.*cpu-prefill"):
+        load_target("gpu-fast")
+
+
+@pytest.mark.parametrize("spec", ["cpu-decode", "cpu-decode.yaml"])
+def test_shipped_targets_load_by_bare_name_from_any_directory(
+    spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no profiles/ here
+    target = load_target(spec)
+    assert (target.name, target.phase) == ("cpu-decode", "decode")
+    assert target == load_target(default_profiles_dir() / "cpu-decode.yaml")
+
+
+def test_a_local_file_wins_over_a_shipped_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cpu-decode.yaml").write_text("device: cpu\nphase: decode\ncontext_len: 7\n")
+    assert load_target("cpu-decode.yaml").context_len == 7
+    # A path with a directory is never looked up among the shipped targets.
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_target("elsewhere/cpu-prefill.yaml")
+
+
+def test_shipped_targets_are_package_data_and_listed() -> None:
+    assert default_profiles_dir().is_relative_to(Path(mnm_search.__file__).parent)
+    assert shipped_target_names() == [
+        "cpu-batch",
+        "cpu-decode",
+        "cpu-prefill",
+        "cuda-decode",
+        "cuda-prefill",
+    ]
+    # The repository keeps its top-level profiles/ (DESIGN.md §3), the same files.
+    top = Path(__file__).resolve().parent.parent / "profiles"
+    assert sorted(p.stem for p in top.glob("*.yaml")) == shipped_target_names()
 
 
 def test_decode_defaults_to_one_new_token(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from mnm_search.cli import _core, _demo, _export, _pareto, _profile, _search
+from mnm_search.cli._common import set_debug
+from mnm_search.targets import shipped_target_names
 
 
 def _without_flag_metavars(params: list[Any]) -> list[Any]:
@@ -21,6 +23,19 @@ def _without_flag_metavars(params: list[Any]) -> list[Any]:
     for param in params:
         if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
             param.metavar = ""
+    return params
+
+
+def _with_shipped_targets(params: list[Any]) -> list[Any]:
+    """Make every `--target` option's help name the shipped targets (usable by bare name),
+    whichever module defines the option."""
+    for param in params:
+        if isinstance(param, TyperOption) and "--target" in param.opts:
+            names = shipped_target_names()
+            if names and not all(name in (param.help or "") for name in names):
+                param.help = f"{(param.help or '').rstrip()} Shipped targets, usable by name: " + (
+                    ", ".join(names) + "."
+                )
     return params
 
 
@@ -44,7 +59,7 @@ class _Command(TyperCommand):
         self.help = _reflow(self.help)
 
     def get_params(self, ctx: Any) -> list[Any]:
-        return _without_flag_metavars(super().get_params(ctx))
+        return _with_shipped_targets(_without_flag_metavars(super().get_params(ctx)))
 
 
 class _Group(TyperGroup):
@@ -68,6 +83,7 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
     ctx.obj = {"debug": debug}
+    set_debug(debug)
 
 
 for _name, _function in {

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -31,12 +32,7 @@ from rich.progress import (
 from rich.table import Column, Table
 
 from mnm_search.errors import MnmError, Terminated
-
-try:  # typer >= 0.29 ships its own copy of click
-    from typer._click.exceptions import ClickException
-    from typer._click.globals import get_current_context
-except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import ClickException, get_current_context
+from mnm_search.targets import shipped_target_names
 
 DEFAULT_EVAL_TOKENS = 32_768
 
@@ -56,6 +52,32 @@ DataOpt = Annotated[
 ]
 
 
+def target_help(what: str = "Hardware target") -> str:
+    """`--target` help naming the shipped targets, which work by bare name from anywhere."""
+    names = ", ".join(shipped_target_names()) or "none found"
+    return f"{what}: a YAML file, or the name of a shipped target ({names})."
+
+
+TargetOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--target",
+        "-t",
+        help=target_help("Hardware target (default: cpu-prefill)"),
+        metavar="TARGET",
+    ),
+]
+
+# `mnm --debug ...`: set by the root command, read by the error boundary (no click context
+# needed, so no private typer/click API).
+_DEBUG: ContextVar[bool] = ContextVar("mnm_debug", default=False)
+
+
+def set_debug(debug: bool) -> None:
+    """Make the error boundary re-raise (tracebacks) for the rest of this invocation."""
+    _DEBUG.set(debug)
+
+
 def user_errors(func: F) -> F:
     """Run a command; print any failure as one line on stderr and exit non-zero.
 
@@ -67,17 +89,16 @@ def user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = get_current_context()
-        debug = bool((ctx.find_root().obj or {}).get("debug"))
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, ClickException):
-            raise  # typer's own exits and usage errors: it prints them
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # typer's own exits and usage errors (click's, in typer): it prints them
         except BaseException as exc:
-            if debug or isinstance(exc, (SystemExit, GeneratorExit)):
+            if _DEBUG.get() or isinstance(exc, (SystemExit, GeneratorExit)):
                 raise
             message, code = describe_exception(exc)
-            print_error(message, secrets=_argument_secrets(ctx), warn=code in (130, 143))
+            secrets = _argument_secrets([*args, *kwargs.values()])
+            print_error(message, secrets=secrets, warn=code in (130, 143))
             raise typer.Exit(code=code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -95,16 +116,13 @@ def print_error(message: str, *, secrets: Iterable[str] = (), warn: bool = False
         err.print(f"[bold red]Error:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
-def _argument_secrets(ctx: Any) -> list[str]:
+def _argument_secrets(arguments: Iterable[Any]) -> list[str]:
     """Passwords in any command-line argument (storage URLs), to mask in messages."""
     from mnm_search.redact import url_secrets
 
     # sys.argv for the real command line; the parsed values for in-process callers
     # (CliRunner, embedding), whose arguments never reach sys.argv.
-    values = [str(a) for a in sys.argv]
-    while ctx is not None:
-        values += [str(v) for v in (ctx.params or {}).values() if v is not None]
-        ctx = ctx.parent
+    values = [str(a) for a in sys.argv] + [str(v) for v in arguments if v is not None]
     return [secret for value in values for secret in url_secrets(value)]
 
 
@@ -217,24 +235,10 @@ StepOpt = Annotated[
     typer.Option(
         "--step",
         min=1,
-        help="Gemma 3n only: FFN width granularity (default: from the checkpoint, 2048 for E4B).",
+        help="FFN width step, for families whose widths are multiples of one (e.g. Gemma 3n; "
+        "default: from the checkpoint). Other families refuse it.",
     ),
 ]
-
-
-def family_of(ckpt: Path | None) -> str:
-    """The model family of CKPT: `matlm` (also the embedded default) or `gemma3n`."""
-    from mnm_search.families import NATIVE, detect_family
-
-    return NATIVE if ckpt is None else detect_family(ckpt)
-
-
-def refuse_step(step: int | None) -> None:
-    if step is not None:
-        raise MnmError(
-            "--step applies to Gemma 3n checkpoints only; a native checkpoint's widths are its "
-            "trained granularities (see mnm info)"
-        )
 
 
 def print_eval_result(result: dict[str, Any]) -> None:

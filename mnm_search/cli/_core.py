@@ -6,13 +6,13 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from mnm_search._files import refuse_overlap
-from mnm_search.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_checkpoint
+from mnm_search.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from mnm_search.cli._common import (
     DEFAULT_EVAL_TOKENS,
     CkptArg,
@@ -20,126 +20,179 @@ from mnm_search.cli._common import (
     JsonOpt,
     StepOpt,
     err,
-    family_of,
     loss_label,
     out,
     print_eval_result,
     print_json,
     progress_bar,
-    refuse_step,
     user_errors,
 )
 from mnm_search.cli._profile import load_profile_for
-from mnm_search.config import format_widths, param_count, parse_widths
-from mnm_search.data import load_eval_set
-from mnm_search.errors import CheckpointError, Terminated
+from mnm_search.config import run_length_widths
+from mnm_search.errors import CheckpointError, ConfigError, Terminated
 from mnm_search.evaluator import evaluate_loss, perplexity
-from mnm_search.families import GEMMA3N
+from mnm_search.families import load_family
 from mnm_search.train import PRESETS, STATE_FILE, Trainer, TrainSettings
 
+if TYPE_CHECKING:
+    from mnm_search.families.base import Family
 
-def _count_configs(checkpoint: Checkpoint) -> dict[str, int]:
-    g, layers = len(checkpoint.config.granularities), checkpoint.config.n_layers
-    return {"mix_n_match": g**layers, "with_skips": (g + 1) ** layers}
+# Groups a family's describe() may nest its facts in; `info` shows their keys at the top level.
+_LIFTED_GROUPS = ("config", "metadata")
+# Keys of describe() that `info` computes itself, for every family, under its own names.
+_REPLACED_KEYS = ("uniform_params", "params_full")
+
+
+def info_data(family: Family) -> dict[str, Any]:
+    """What `mnm info --json` prints: the family's own `describe()` plus the facts every
+    family has (kind, layers, parameters per uniform size, number of configurations)."""
+    described = dict(family.describe())
+    for group in _LIFTED_GROUPS:
+        nested = described.pop(group, None)
+        if isinstance(nested, dict):
+            for key, value in nested.items():
+                described.setdefault(key, value)
+    for key in _REPLACED_KEYS:
+        described.pop(key, None)
+    names = list(family.uniform_configs())
+    uniform = family.uniform_configs() if family.is_universal else {}
+    data: dict[str, Any] = {
+        "family": family.name,
+        "path": str(family.path) if family.path is not None else None,
+        "kind": "universal" if family.is_universal else "exported",
+        "n_layers": family.n_layers,
+        "fingerprint": family.fingerprint,
+        **described,
+        "params": family.param_count(),
+        "params_uniform": {name: family.param_count(w) for name, w in uniform.items()},
+    }
+    data.setdefault("granularity_names", names)
+    if family.is_universal:
+        try:
+            plain = family.search_space(allow_skip=False)
+            with_skips = family.search_space(allow_skip=True)
+        except ConfigError:  # a family whose layers cannot be searched this way
+            pass
+        else:
+            data.setdefault("granularities", list(plain.granularities))
+            data["n_configs"] = {"mix_n_match": plain.size, "with_skips": with_skips.size}
+    else:
+        data["ffn_widths"] = family.full_widths()
+        data["ffn_widths_compact"] = family.format_widths(family.full_widths())
+    return data
 
 
 @user_errors
 def info(ckpt: CkptArg = None, as_json: JsonOpt = False, step: StepOpt = None) -> None:
     """Describe a checkpoint: family, layers, granularities, parameters, provenance.
 
-    Works on native mnm checkpoints and on Gemma 3n (transformers) checkpoint directories.
+    Works for every supported family (native mnm checkpoints, Gemma 3n transformers
+    directories, ...); only the structure is read, never a forward pass.
 
     Example: mnm info --json
     """
-    if ckpt is not None and family_of(ckpt) == GEMMA3N:
-        from mnm_search.cli import _gemma3n
-
-        _gemma3n.info(ckpt, as_json=as_json, step=step)
-        return
-    refuse_step(step)
-    checkpoint = load_checkpoint(ckpt)
-    config = checkpoint.config
-    uniform = {
-        name: param_count(config, config.uniform_widths(g))
-        for name, g in zip(config.granularity_names, config.granularities)
-        if config.is_universal
-    }
-    data: dict[str, Any] = {
-        "path": str(checkpoint.path),
-        "family": config.family,
-        "kind": "universal" if config.is_universal else "exported",
-        "n_layers": config.n_layers,
-        "d_model": config.d_model,
-        "n_heads": config.n_heads,
-        "d_ff": config.d_ff,
-        "vocab_size": config.vocab_size,
-        "max_seq_len": config.max_seq_len,
-        "granularities": list(config.granularities),
-        "granularity_names": config.granularity_names,
-        "params": param_count(config),
-        "params_uniform": uniform,
-        "n_configs": _count_configs(checkpoint),
-        "fingerprint": checkpoint.fingerprint,
-        "training": checkpoint.metadata.get("training"),
-    }
-    if not config.is_universal:
-        data["ffn_widths"] = config.physical_widths
-        data["source_fingerprint"] = checkpoint.metadata.get("source_fingerprint")
+    family = load_family(ckpt, weights=False, step=step)
+    data = info_data(family)
     if as_json:
         print_json(data)
         return
-    table = Table(title=f"{config.family} checkpoint {checkpoint.path}", show_header=False)
+    print_info_table(data)
+
+
+def _shape_text(data: dict[str, Any]) -> str | None:
+    parts = [f"{data['n_layers']} layers"]
+    for key, label in (
+        ("d_model", "d_model"),
+        ("hidden_size", "hidden"),
+        ("n_heads", "heads"),
+        ("d_ff", "d_ff"),
+        ("vocab_size", "vocab"),
+        ("max_seq_len", "context"),
+    ):
+        if data.get(key) is not None:
+            parts.append(f"{data[key]} {label}" if key == "n_heads" else f"{label} {data[key]}")
+    return ", ".join(parts)
+
+
+def print_info_table(data: dict[str, Any]) -> None:
+    """The `mnm info` table of any family: a row for each known fact the family reports."""
+    table = Table(title=f"{data['family']} checkpoint {data.get('path')}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("kind", data["kind"])
-    table.add_row("fingerprint", checkpoint.fingerprint)
-    table.add_row(
-        "shape",
-        f"{config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, "
-        f"d_ff {config.d_ff}, vocab {config.vocab_size}, context {config.max_seq_len}",
-    )
-    table.add_row(
-        "granularities",
-        ", ".join(f"{n}={g}" for n, g in zip(config.granularity_names, config.granularities)),
-    )
-    if not config.is_universal:
-        table.add_row("ffn widths", format_widths(config.physical_widths, config))
-    table.add_row("parameters", f"{data['params']:,}")
-    for name, count in uniform.items():
+    family = str(data["family"])
+    if data.get("architecture"):
+        family += f" ({data['architecture']})"
+    if data.get("dtype"):
+        family += f", {data['dtype']}"
+    table.add_row("family", family)
+    table.add_row("kind", str(data["kind"]))
+    table.add_row("fingerprint", str(data["fingerprint"]))
+    table.add_row("shape", _shape_text(data))
+    names, grans = data.get("granularity_names") or [], data.get("granularities") or []
+    if grans and len(names) == len(grans) and [str(g) for g in grans] != list(map(str, names)):
+        table.add_row("granularities", ", ".join(f"{n}={g}" for n, g in zip(names, grans)))
+    elif grans:
+        table.add_row("granularities", ", ".join(map(str, grans)))
+    if data.get("stored_widths"):
+        table.add_row("stored FFN widths", run_length_widths(data["stored_widths"]))
+    if data.get("step"):
+        table.add_row("width step", f"{data['step']} (widths are multiples of it; 0 drops a layer)")
+    if data.get("ffn_widths_compact"):
+        table.add_row("ffn widths", data["ffn_widths_compact"])
+    if data.get("source_fingerprint"):
+        table.add_row("exported from", str(data["source_fingerprint"]))
+    if "kv_producer_layers" in data:
+        shared = data.get("num_kv_shared_layers")
+        reuse = f"; {shared} layers reuse their KV" if shared is not None else ""
+        table.add_row("KV producers", f"{data['kv_producer_layers']} (never skipped){reuse}")
+    if "skippable_layers" in data:
+        table.add_row("skippable layers", str(data["skippable_layers"]))
+    params = f"{data['params']:,}"
+    if data.get("effective_params"):
+        params += f" ({data['effective_params']:,} effective)"
+    table.add_row("parameters", params)
+    for name, count in data["params_uniform"].items():
         table.add_row(f"  uniform {name}", f"{count:,}")
-    if config.is_universal:
-        n = data["n_configs"]
+    n = data.get("n_configs")
+    if isinstance(n, dict):
         table.add_row(
             "Mix'n'Match configs", f"{n['mix_n_match']:,} ({n['with_skips']:,} with skips)"
         )
-    training = checkpoint.metadata.get("training")
-    if training:
-        commands = training.get("commands") or [training.get("command") or "?"]
-        shown = [display_command(command, checkpoint.path) for command in commands]
-        table.add_row("trained with", "\n".join(shown))
-        if training.get("history"):
-            table.add_row("history", training["history"])
-        table.add_row("corpus", str(training.get("corpus")))
-        table.add_row(
-            "training",
-            f"{training.get('step')} steps, {training.get('tokens_seen', 0):,} tokens, "
-            f"{training.get('tokens_per_second')} tokens/s",
-        )
-        val_text = _training_validation_text(training)
-        val_tokens = (training.get("settings") or {}).get("eval_tokens")
-        if training.get("val_losses"):
-            losses = ", ".join(f"{k} {v:.4f}" for k, v in training["val_losses"].items())
-            where = loss_label(val_text, val_tokens)
-            table.add_row("val loss", f"{losses}\n({where}; at the last training step)")
-        shipped = training.get("shipped_weights") or {}
-        if shipped.get("val_losses_uniform"):
-            losses = ", ".join(f"{k} {v:.4f}" for k, v in shipped["val_losses_uniform"].items())
-            where = loss_label(None, shipped.get("eval_tokens"))
-            dtype = shipped.get("storage_dtype", "stored")
-            table.add_row(f"loss ({dtype})", f"{losses}\n({where}; the weights as shipped)")
-        if training.get("unigram_val_loss"):
-            table.add_row("unigram baseline", f"{training['unigram_val_loss']:.4f} nats/token")
+    if data.get("tokenizer"):
+        table.add_row("tokenizer", str(data["tokenizer"]))
+    training = data.get("training")
+    if isinstance(training, dict):
+        _add_training_rows(table, training, Path(data["path"]) if data.get("path") else None)
     out.print(table)
+
+
+def _add_training_rows(table: Table, training: dict[str, Any], path: Path | None) -> None:
+    """How the checkpoint was trained, as its training run recorded it."""
+    commands = training.get("commands") or [training.get("command") or "?"]
+    shown = [display_command(command, path) for command in commands]
+    table.add_row("trained with", "\n".join(shown))
+    if training.get("history"):
+        table.add_row("history", training["history"])
+    table.add_row("corpus", str(training.get("corpus")))
+    table.add_row(
+        "training",
+        f"{training.get('step')} steps, {training.get('tokens_seen', 0):,} tokens, "
+        f"{training.get('tokens_per_second')} tokens/s",
+    )
+    val_text = _training_validation_text(training)
+    val_tokens = (training.get("settings") or {}).get("eval_tokens")
+    if training.get("val_losses"):
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in training["val_losses"].items())
+        where = loss_label(val_text, val_tokens)
+        table.add_row("val loss", f"{losses}\n({where}; at the last training step)")
+    shipped = training.get("shipped_weights") or {}
+    if shipped.get("val_losses_uniform"):
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in shipped["val_losses_uniform"].items())
+        where = loss_label(None, shipped.get("eval_tokens"))
+        dtype = shipped.get("storage_dtype", "stored")
+        table.add_row(f"loss ({dtype})", f"{losses}\n({where}; the weights as shipped)")
+    if training.get("unigram_val_loss"):
+        table.add_row("unigram baseline", f"{training['unigram_val_loss']:.4f} nats/token")
 
 
 def _training_validation_text(training: dict[str, Any]) -> str:
@@ -205,44 +258,41 @@ def eval_command(
 ) -> None:
     """Loss, perplexity and parameters of one Mix'n'Match configuration.
 
-    Gemma 3n checkpoints take integer widths (multiples of the step, 0 drops a layer) and
-    are evaluated with their own tokenizer when the directory has one.
+    Widths are written in the checkpoint's own terms (see mnm info): granularity names and
+    integers for native checkpoints, multiples of the width step for Gemma 3n; the loss is
+    measured with the checkpoint's own tokenizer where it has one.
 
     Example: mnm eval --widths L,M*3,L*2 --profile profile-cpu-prefill.json --json
     """
-    if ckpt is not None and family_of(ckpt) == GEMMA3N:
-        from mnm_search.cli import _gemma3n
-
-        _gemma3n.evaluate(
-            ckpt,
-            widths=widths,
-            data=data,
-            max_tokens=max_tokens,
-            profile=profile,
-            as_json=as_json,
-            step=step,
-        )
-        return
-    refuse_step(step)
-    checkpoint = load_checkpoint(ckpt)
-    config = checkpoint.config
-    resolved = parse_widths(widths, config) if widths is not None else config.physical_widths
-    latency = load_profile_for(checkpoint, profile) if profile is not None else None
-    eval_set = load_eval_set(data, seq_len=config.max_seq_len, max_tokens=max_tokens)
+    family = load_family(ckpt, step=step)
+    resolved = family.parse_widths(widths) if widths is not None else family.full_widths()
+    latency = load_profile_for(family, profile) if profile is not None else None
+    eval_set = family.load_eval_set(data, max_tokens=max_tokens)
     started = time.perf_counter()
-    loss = evaluate_loss(checkpoint.model, eval_set, resolved)
+    with err.status(f"evaluating on {eval_set.n_tokens:,} tokens"):
+        loss = evaluate_loss(family.logits, eval_set, resolved, batch_size=family.eval_batch_size)
     seconds = time.perf_counter() - started
     result: dict[str, Any] = {
+        "family": family.name,
         "widths": resolved,
-        "widths_compact": format_widths(resolved, config),
+        "widths_compact": family.format_widths(resolved),
+        "skipped_layers": [layer for layer, width in enumerate(resolved) if width == 0],
         "loss": round(loss, 6),
         "perplexity": round(perplexity(loss), 4),
-        "params": param_count(config, resolved),
+        "params": family.param_count(resolved),
         "n_tokens": eval_set.n_tokens,
         "data": str(data) if data else "bundled validation text",
-        "fingerprint": checkpoint.fingerprint,
+        "fingerprint": family.fingerprint,
         "eval_seconds": round(seconds, 3),
     }
+    # Optional facts some families have: parameters that must sit in accelerator memory
+    # (Gemma 3n's per-layer embeddings can stay on the CPU), and the tokenizer used.
+    effective = getattr(family, "effective_param_count", None)
+    if callable(effective):
+        result["effective_params"] = int(effective(resolved))
+    tokenizer = family.describe().get("tokenizer")
+    if tokenizer is not None:
+        result["tokenizer"] = tokenizer
     if latency is not None:
         result["latency_ms"] = round(latency.predict_ms(resolved), 4)
         result["latency_target"] = latency.target.name

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from mnm_search._files import atomic_write_text, refuse_overlap
-from mnm_search.checkpoint import CONFIG_FILE, default_checkpoint_path
+from mnm_search.checkpoint import default_checkpoint_path
 from mnm_search.cli._common import (
     JsonOpt,
     add_number_column,
@@ -21,7 +21,7 @@ from mnm_search.cli._common import (
     print_json,
     user_errors,
 )
-from mnm_search.config import ModelConfig, format_widths, run_length_widths
+from mnm_search.config import run_length_widths
 from mnm_search.errors import ConfigError
 from mnm_search.evaluator import perplexity
 from mnm_search.export import finished_trials
@@ -51,68 +51,88 @@ class Results:
         self.front = pareto_front(trials, self.objectives)
         if self.front.empty:  # e.g. every finished trial broke a constraint
             self.front = pareto_front(self.finished.assign(feasible=True), self.objectives)
-        self.names_config = _names_config(self.run_info)
-        self.names = (
-            dict(zip(self.names_config.granularities, self.names_config.granularity_names))
-            if self.names_config is not None
-            else {}
-        )
+        # Display names of widths ("S", "M"... for the native family); none for families
+        # whose widths are plain numbers.
+        self.names: dict[int, str] = {
+            width: name for width, name in width_names(self.run_info).items() if name != str(width)
+        }
         self.budget = (self.run_info.get("constraints") or {}).get(self.cost)
 
     def compact(self, widths: str) -> str:
         values = [int(w) for w in str(widths).split(",")]
-        if self.names_config is None:
+        if not self.names:
             return run_length_widths(values)
-        return format_widths(values, self.names_config)
+        return " ".join(self.names.get(w, str(w)) for w in values)
+
+    def _seed_kind(self, rows: pd.DataFrame) -> pd.Series:
+        """What each row's seed is ("uniform", "min-slope", "named", or empty): the
+        `seed_kind` column; results written before it existed had only the label."""
+        if "seed_kind" in rows.columns:
+            return rows["seed_kind"].fillna("").astype(str)
+        if "source" not in rows.columns:
+            return pd.Series("", index=rows.index)
+        labels = rows["source"].fillna("").astype(str)
+        kinds = pd.Series("", index=rows.index)
+        kinds[labels.str.startswith("uniform ")] = "uniform"
+        kinds[labels == "min-slope"] = "min-slope"
+        kinds[labels.str.startswith(LAB_PREFIX)] = "named"
+        return kinds
 
     def named(self) -> pd.DataFrame:
         """Finished rows of named external configurations (MatFormer Lab), with a `name`."""
         rows = self.finished.dropna(subset=[self.cost])
-        if "source" not in rows.columns:
-            return rows.iloc[0:0].assign(name=[])
-        sources = rows["source"].astype(str)
-        rows = rows[sources.str.startswith(LAB_PREFIX)]
+        rows = rows[self._seed_kind(rows) == "named"]
         return rows.assign(name=rows["source"].astype(str).str.removeprefix(LAB_PREFIX))
 
     def labelled(self) -> tuple[dict[str, pd.Series], pd.DataFrame]:
         """Uniform models by name, and the heuristic (min-slope) rows, among finished trials."""
         rows = self.finished.dropna(subset=[self.cost])
+        kinds = self._seed_kind(rows)
         uniform: dict[str, pd.Series] = {}
-        for _, row in rows.iterrows():
+        for index, row in rows.iterrows():
             values = {int(w) for w in str(row["widths"]).split(",")}
-            if len(values) == 1 and (width := values.pop()) in self.names:
-                uniform.setdefault(self.names[width], row)
-            elif not self.names and str(row.get("source", "")).startswith("uniform "):
-                # Families without granularity names (Gemma 3n) label their uniform seeds.
-                uniform.setdefault(str(row["source"]).removeprefix("uniform "), row)
+            if len(values) != 1 or 0 in values:
+                continue
+            width = values.pop()
+            # Every layer at one width: a uniform model, seeded or found by the sampler.
+            if width in self.names or kinds[index] == "uniform":
+                uniform.setdefault(self.names.get(width, str(width)), row)
         order = {name: i for i, name in enumerate(self.names.values())}
-        uniform = dict(sorted(uniform.items(), key=lambda item: order.get(item[0], 99)))
-        if "source" in rows.columns:
-            heuristic = rows[rows["source"].astype(str) == "min-slope"]
-        else:
-            heuristic = rows.iloc[0:0]
-        return uniform, heuristic
+        uniform = dict(
+            sorted(
+                uniform.items(),
+                key=lambda item: (order.get(item[0], len(order)), float(item[1][self.cost])),
+            )
+        )
+        return uniform, rows[kinds == "min-slope"]
 
 
 def _has(df: pd.DataFrame, column: str) -> bool:
     return column in df.columns and not df[column].isna().all()
 
 
-def _names_config(run_info: dict[str, Any]) -> ModelConfig | None:
-    """A stand-in config whose granularities (from the search space, else from the
-    checkpoint) give format_widths the names `S`, `M`, ... of the searched model."""
-    if run_info.get("family") not in (None, "matlm"):
-        return None  # e.g. Gemma 3n: widths are plain step multiples, shown as numbers
-    grans = (run_info.get("space") or {}).get("granularities")
-    if not grans:
-        path = Path(run_info.get("checkpoint") or default_checkpoint_path()) / CONFIG_FILE
+def width_names(run_info: dict[str, Any]) -> dict[int, str]:
+    """Display names of the searched model's uniform widths, e.g. {128: "S", 256: "M"}.
+
+    `mnm search` records them in run.json (`width_names`); for results written before it
+    did, they are read from the searched checkpoint's uniform configurations (structure
+    only), and widths stay numbers when that checkpoint is gone.
+    """
+    recorded = run_info.get("width_names")
+    if isinstance(recorded, dict):
         try:
-            grans = json.loads(path.read_text())["granularities"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return ModelConfig(
-        d_model=1, n_layers=1, n_heads=1, d_ff=int(grans[-1]), granularities=tuple(grans)
-    )
+            return {int(width): str(name) for width, name in recorded.items()}
+        except (TypeError, ValueError):
+            return {}
+    from mnm_search.errors import MnmError
+    from mnm_search.families import load_family
+
+    try:
+        family = load_family(run_info.get("checkpoint"), weights=False)
+        uniform = family.uniform_configs()
+    except (MnmError, OSError, ValueError):
+        return {}
+    return {widths[0]: name for name, widths in uniform.items() if len(set(widths)) == 1}
 
 
 def front_table(results: Results) -> pd.DataFrame:
