@@ -32,11 +32,8 @@ import optuna
 import pandas as pd
 import torch
 
-from mnm_search.checkpoint import load_checkpoint
-from mnm_search.config import param_count
-from mnm_search.data import load_eval_set
 from mnm_search.evaluator import CachedEvaluator, evaluate_loss
-from mnm_search.families.matlm import MatLMFamily
+from mnm_search.families import load_family
 from mnm_search.pareto import format_widths_column, hypervolume, pareto_front
 from mnm_search.space import SearchSpace
 from mnm_search.study import make_sampler
@@ -50,27 +47,26 @@ BUDGETS = (50, 100, 200)
 
 def ground_truth(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    checkpoint = load_checkpoint(args.checkpoint)
-    config = checkpoint.config
-    space = SearchSpace.from_config(config)
-    eval_set = load_eval_set(None, seq_len=config.max_seq_len, max_tokens=args.tokens)
+    family = load_family(args.checkpoint)
+    space = family.search_space()
+    eval_set = family.load_eval_set(None, max_tokens=args.tokens)
     latency = None
     if args.profile:
         from mnm_search.latency import LatencyModel
 
-        latency = LatencyModel.load(args.profile, fingerprint=checkpoint.fingerprint)
+        latency = LatencyModel.load(args.profile, fingerprint=family.fingerprint)
     configs = list(space.all_configs())
     print(f"{len(configs)} configs, {eval_set.n_tokens} tokens, {args.threads} thread(s)")
 
     # Plain forward on a random sample (the whole sweep would take hours).
     sample = random.Random(0).sample(configs, args.plain_sample)
     started = time.perf_counter()
-    plain = {tuple(w): evaluate_loss(checkpoint.model, eval_set, w) for w in sample}
+    plain = {tuple(w): evaluate_loss(family.logits, eval_set, w) for w in sample}
     plain_s = (time.perf_counter() - started) / len(sample)
     print(f"plain forward: {plain_s:.3f} s/config on {len(sample)} random configs")
 
     evaluator = CachedEvaluator(
-        MatLMFamily(checkpoint), eval_set, layer_widths=space.choices, cache_mb=args.cache_mb
+        family, eval_set, layer_widths=space.choices, cache_mb=args.cache_mb
     )
     rows = []
     started = time.perf_counter()
@@ -85,14 +81,14 @@ def ground_truth(args: argparse.Namespace) -> None:
     losses = {r["widths"]: r["loss"] for r in rows}
     worst = max(abs(losses[format_widths_column(w)] - loss) / loss for w, loss in plain.items())
     for row, widths in zip(rows, configs):
-        row["params"] = param_count(config, widths)
+        row["params"] = family.param_count(widths)
         if latency is not None:
             row["latency_ms"] = latency.predict_ms(widths)
     args.data_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(args.data_dir / GROUND_TRUTH, index=False)
     summary = {
         "space": space.to_dict(),
-        "checkpoint_fingerprint": checkpoint.fingerprint,
+        "checkpoint_fingerprint": family.fingerprint,
         "n_configs": len(configs),
         "eval_tokens": eval_set.n_tokens,
         "threads": args.threads,

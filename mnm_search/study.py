@@ -8,6 +8,12 @@ eval data, latency model) and refuses to continue under a different set-up.
 Several processes may share a study (a journal file on one machine, PostgreSQL across
 machines): each claims a trial before evaluating it, so the requested total of complete
 trials is exact, and trials of workers that died are failed so that a re-run fills the gap.
+
+A search sees the checkpoint only as a `Family` (`mnm_search.families.base`). Its parts:
+`run_search` (set-up: checks, storage, seeds, sampler), `_Objective` (one trial),
+`CostModel` (params, latency, memory), `CachedEvaluator` (quality), and in private modules
+`_trials.TrialClaims` (claims, surplus, known configurations), `_trials.FidelityScreen`
+(`--fidelity-tokens`) and `_results.ResultsSink` (trials.csv, pareto.csv, run.json, progress).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,29 +42,51 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
-from mnm_search._files import atomic_write_bytes, pid_alive
-from mnm_search.checkpoint import Checkpoint
-from mnm_search.config import param_count
+from mnm_search._files import atomic_write_bytes
+from mnm_search._results import (
+    ResultsSink,
+    SearchProgress,
+    trials_frame,
+)
+from mnm_search._trials import (
+    FAIL_ATTR,
+    METRICS_ATTR,
+    SEED_ATTR,
+    SEED_KIND_ATTR,
+    FidelityScreen,
+    TrialClaims,
+    fail_dead_trials,
+    fail_running,
+)
 from mnm_search.data import EvalSet
 from mnm_search.errors import ConfigError, SearchError
 from mnm_search.evaluator import CachedEvaluator, eval_subset
-from mnm_search.pareto import (
-    METRIC_COLUMNS,
-    format_widths_column,
-    hypervolume,
-    pareto_front,
-    write_results,
-)
+from mnm_search.families.base import Family, SeedConfig
+from mnm_search.pareto import pareto_front
 from mnm_search.redact import redact, url_secrets
 from mnm_search.space import SearchSpace, param_name
 
 if TYPE_CHECKING:
-    from mnm_search.families.gemma3n import Gemma3nFamily
     from mnm_search.latency import LatencyModel
     from mnm_search.targets import HardwareTarget
 
-    # What a search runs on: a native checkpoint or a loaded model family adapter.
-    Subject = Checkpoint | Gemma3nFamily
+__all__ = [
+    "DEFAULT_SAMPLER",
+    "JOURNAL_FILE",
+    "OBJECTIVES",
+    "SAMPLERS",
+    "CostModel",
+    "SearchInterrupted",
+    "SearchProgress",
+    "SearchResult",
+    "SearchSettings",
+    "fail_dead_trials",
+    "open_storage",
+    "open_study",
+    "run_search",
+    "seed_configs",
+    "trials_frame",
+]
 
 # objective name -> result column (every objective is minimised)
 OBJECTIVES = {
@@ -73,12 +101,6 @@ SAMPLERS = ("nsga2", "tpe", "gp", "random", "exhaustive")
 DEFAULT_SAMPLER = "gp"
 JOURNAL_FILE = "study.journal"
 _SETUP_ATTR = "mnm_setup"
-# Every metric of a trial goes into one user attr: each storage write costs an fsync.
-_METRICS_ATTR = "metrics"
-# Why a trial failed (a non-finite loss or cost); such trials count toward the budget.
-_FAIL_ATTR = "fail_reason"
-# A study whose first this-many trials in a row all failed will not do better: stop it.
-_MAX_FAILURES_WITHOUT_SUCCESS = 10
 # What a non-finite metric most likely means, for the failure message.
 _FAIL_HINTS = {
     "loss": "the checkpoint's weights or norm_eps are not finite; check with mnm eval",
@@ -91,9 +113,8 @@ _FAIL_HINTS = {
 }
 # Writing the result files after every trial is fine while it takes less than this.
 _FAST_WRITE_S = 0.05
-# A worker tags its trial milliseconds after Optuna creates it; a trial still untagged after
-# this long belongs to a worker killed in between.
-_STALE_WITHOUT_OWNER = timedelta(seconds=10)
+# Objective name -> the setting that makes it a constraint (for "cannot compute" errors).
+_CONSTRAINT_OF = {"latency": "max_latency_ms", "params": "max_params", "memory": "max_memory"}
 
 
 @dataclass(frozen=True)
@@ -237,20 +258,6 @@ class _SignalGuard:
 
 
 @dataclass
-class SearchProgress:
-    """Reported after every trial this process finishes."""
-
-    n_complete: int
-    n_target: int
-    n_new: int  # trials finished by this process
-    trials_per_s: float
-    best_loss: float | None  # best feasible loss so far
-    hypervolume: float | None  # of the feasible front, objectives scaled to the ranges seen
-    n_failed: int = 0  # trials whose evaluation gave a non-finite value (count to the budget)
-    failure: str | None = None  # why the latest failed trial failed, when it is new
-
-
-@dataclass
 class SearchResult:
     trials: pd.DataFrame
     pareto: pd.DataFrame
@@ -266,30 +273,25 @@ class CostModel:
 
     def __init__(
         self,
-        subject: Subject,
+        family: Family,
         *,
         latency_model: LatencyModel | None = None,
         memory_target: HardwareTarget | None = None,
     ) -> None:
-        self.subject = subject
+        self.family = family
         self.latency_model = latency_model
         self.memory_target = memory_target
 
     def params(self, widths: Sequence[int]) -> int:
-        if isinstance(self.subject, Checkpoint):
-            return param_count(self.subject.config, widths)
-        return self.subject.param_count(widths)
+        return self.family.param_count(widths)
 
     def __call__(self, widths: Sequence[int]) -> dict[str, float]:
         metrics: dict[str, float] = {"params": float(self.params(widths))}
         if self.latency_model is not None:
             metrics["latency_ms"] = float(self.latency_model.predict_ms(widths))
         if self.memory_target is not None:
-            from mnm_search.memory import memory_bytes
-
-            assert isinstance(self.subject, Checkpoint)  # run_search refuses other families
             metrics["memory_bytes"] = float(
-                memory_bytes(self.subject.config, widths, self.memory_target).total
+                self.family.memory_bytes(widths, self.memory_target).total
             )
         return metrics
 
@@ -579,7 +581,7 @@ def eval_fingerprint(eval_set: EvalSet) -> str:
 
 
 def study_setup(
-    checkpoint: Subject,
+    family: Family,
     space: SearchSpace,
     settings: SearchSettings,
     eval_set: EvalSet,
@@ -592,7 +594,7 @@ def study_setup(
         latency = hashlib.sha256(blob.encode()).hexdigest()[:16]
     memory = costs.memory_target.to_dict() if costs.memory_target is not None else None
     return {
-        "fingerprint": checkpoint.fingerprint,
+        "fingerprint": family.fingerprint,
         "space": space.to_dict(),
         "objectives": list(settings.objectives),
         "constraints": settings.constraints(),
@@ -694,31 +696,6 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials whose worker process on this host is gone; return their numbers."""
-    host = socket.gethostname()
-    now = datetime.now()
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get("worker")
-        dead = False
-        if owner is None:
-            started = trial.datetime_start
-            if started is not None:
-                current = now if started.tzinfo is None else datetime.now(started.tzinfo)
-                dead = current - started > _STALE_WITHOUT_OWNER
-        else:
-            owner_host, _, pid = str(owner).rpartition(":")
-            dead = owner_host == host and pid.isdigit() and not pid_alive(int(pid))
-        if dead:
-            try:
-                study.tell(trial.number, state=TrialState.FAIL)
-                failed.append(trial.number)
-            except (RuntimeError, ValueError):
-                pass  # another worker got there first
-    return failed
-
-
 def open_study(
     study_name: str,
     storage: BaseStorage,
@@ -763,33 +740,18 @@ def _name_metrics(study: optuna.Study, settings: SearchSettings) -> None:
 
 
 def seed_configs(
-    space: SearchSpace, checkpoint: Subject, costs: CostModel, limits: dict[str, float]
-) -> list[tuple[str, list[int]]]:
-    """(label, widths) of the uniform and minimum-slope configs that meet the cost limits."""
-    if isinstance(checkpoint, Checkpoint):
-        uniform = {f"uniform {n}": w for n, w in space.uniform_configs(checkpoint.config).items()}
-    else:
-        uniform = {n: w for n, w in checkpoint.uniform_configs().items() if space.contains(w)}
-    seeds = list(uniform.items())
-    seeds += [("min-slope", w) for w in space.min_slope_configs()]
+    space: SearchSpace, family: Family, costs: CostModel, limits: dict[str, float]
+) -> list[SeedConfig]:
+    """The family's uniform and minimum-slope configurations of `space` that meet the limits."""
     feasible = []
-    for label, widths in seeds:
-        metrics = costs(widths)
+    for seed in family.seed_configs(space):
+        metrics = costs(list(seed.widths))
         if all(metrics[c] <= limit for c, limit in limits.items()):
-            feasible.append((label, widths))
+            feasible.append(seed)
     return feasible
 
 
 # -- results ----------------------------------------------------------------------------------
-
-
-def _metrics(trial: FrozenTrial) -> dict[str, Any]:
-    return trial.user_attrs.get(_METRICS_ATTR, {})
-
-
-def _eval_failed(trial: FrozenTrial) -> bool:
-    """A trial that failed on a non-finite value (not one of a killed worker)."""
-    return trial.state == TrialState.FAIL and _FAIL_ATTR in trial.user_attrs
 
 
 def _non_finite(value: Any) -> bool:
@@ -808,74 +770,11 @@ def _failure(metrics: dict[str, Any], columns: Sequence[str]) -> str | None:
     return None
 
 
-def _fail_running(study: optuna.Study, worker: str) -> None:
-    """Fail this worker's RUNNING trials: an interrupt that hits sampling or a storage write
-    escapes Optuna's own handling and would leave the trial RUNNING for good."""
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("worker") == worker:
-            with contextlib.suppress(RuntimeError, ValueError):  # finished meanwhile
-                study.tell(trial.number, state=TrialState.FAIL)
-
-
-def trials_frame(
-    trials: Sequence[FrozenTrial], space: SearchSpace, keep: Sequence[str] = ()
-) -> pd.DataFrame:
-    """One row per trial (surplus claims left out), DESIGN §3 columns first.
-
-    Metric columns no trial has are left out, except `loss` and those in `keep` (the
-    objectives: readers need them even when every trial failed)."""
-    rows = []
-    for trial in trials:
-        attrs = trial.user_attrs
-        metrics = attrs.get(_METRICS_ATTR, {})
-        # Surplus claims are not part of the study's result; a trial another worker is
-        # still sampling has only some of its params yet.
-        if attrs.get("surplus") or len(trial.params) != space.n_layers:
-            continue
-        row: dict[str, Any] = {
-            "trial": trial.number,
-            "widths": format_widths_column(space.from_params(trial.params)),
-        }
-        for column in METRIC_COLUMNS:
-            row[column] = metrics.get(column)
-        row["state"] = trial.state.name
-        row["feasible"] = bool(all(v <= 0 for v in trial.constraints.values()))
-        row["fidelity"] = metrics.get("fidelity")
-        row["source"] = attrs.get("seed", "sampler")
-        row["worker"] = attrs.get("worker")
-        row["fail_reason"] = attrs.get(_FAIL_ATTR)
-        duration = trial.duration
-        row["seconds"] = round(duration.total_seconds(), 4) if duration is not None else None
-        rows.append(row)
-    columns = ["trial", "widths", *METRIC_COLUMNS, "state", "feasible", "fidelity", "source"]
-    columns += ["worker", "seconds", "fail_reason"]
-    frame = pd.DataFrame(rows, columns=columns)
-    # Drop metric columns this search never computed (e.g. latency without a profile).
-    kept = {"loss", *keep}
-    empty = [c for c in METRIC_COLUMNS if c not in kept and frame[c].isna().all()]
-    if frame["fail_reason"].isna().all():
-        empty.append("fail_reason")
-    frame = frame.drop(columns=empty)
-    if "params" in frame.columns:  # absent when every trial failed before counting params
-        frame["params"] = frame["params"].astype("Int64")
-    if "memory_bytes" in frame.columns:
-        frame["memory_bytes"] = frame["memory_bytes"].astype("Int64")
-    return frame.sort_values("trial").reset_index(drop=True)
-
-
-def _front_hypervolume(frame: pd.DataFrame, columns: list[str]) -> float | None:
-    usable = frame[(frame["state"] == "COMPLETE") & frame["feasible"]].dropna(subset=columns)
-    if usable.empty:
-        return None
-    values = usable[columns].astype(float)
-    return hypervolume(usable, columns, ideal=values.min().tolist(), nadir=values.max().tolist())
-
-
 # -- the search -------------------------------------------------------------------------------
 
 
 def run_search(
-    checkpoint: Subject,
+    family: Family,
     space: SearchSpace,
     settings: SearchSettings,
     eval_set: EvalSet,
@@ -889,15 +788,15 @@ def run_search(
     on_progress: Callable[[SearchProgress], None] | None = None,
     on_ready: Callable[[int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
-    named_configs: Sequence[tuple[str, Sequence[int]]] = (),
+    named_configs: Sequence[SeedConfig] = (),
     handle_signals: bool = False,
 ) -> SearchResult:
     """Run (or resume) a study until it holds `settings.n_trials` complete trials.
 
-    `checkpoint` is a native checkpoint or a loaded family adapter (Gemma 3n).
-    `named_configs` (label, widths), e.g. MatFormer Lab's configurations, are evaluated
-    first, next to the uniform and heuristic seeds, whatever the cost limits say; their
-    label is the trial's `source`.
+    `family` is any loaded model family (`mnm_search.families.load_family`).
+    `named_configs` (e.g. MatFormer Lab's configurations, `Family.named_configs`) are
+    evaluated first, next to the family's uniform and heuristic seeds, whatever the cost
+    limits say; a seed's label is its trial's `source`, its kind the trial's `seed_kind`.
     Writes trials.csv, pareto.csv and run.json to `results_dir` (also when interrupted).
     `on_ready(n_complete)` is called once the study is open, before the first trial;
     `on_warning(message)` (default: `warnings.warn`) hears about repaired storage.
@@ -911,37 +810,12 @@ def run_search(
     `SearchInterrupted` only at safe points (see `_SignalGuard`), never inside a storage write.
     """
     results_dir = Path(results_dir)
-    native = isinstance(checkpoint, Checkpoint)
-    if not native and (settings.needs_memory or settings.needs_agreement):
-        raise SearchError(
-            f"the {checkpoint.name} family supports the objectives loss, latency and params "
-            f"(and --max-latency-ms/--max-params); memory, kl and disagreement need a native "
-            f"mnm checkpoint"
-        )
-    for label, widths in named_configs:
-        if not space.contains(widths):
-            skips = any(w == 0 for w in widths)
-            hint = " (it skips layers: add --allow-skip)" if skips else ""
-            raise SearchError(
-                f"configuration {label!r} ({','.join(map(str, widths))}) is not in the search "
-                f"space{hint}; widen the space or leave it out"
-            )
-    if settings.needs_latency and latency_model is None:
-        raise SearchError(
-            "the latency objective/constraint needs a latency profile: pass --profile FILE.json "
-            "or --target profiles/NAME.yaml (or use --objectives loss,params)"
-        )
-    if settings.needs_memory and memory_target is None:
-        raise SearchError("the memory objective/constraint needs a hardware target")
-    if latency_model is not None and latency_model.fingerprint != checkpoint.fingerprint:
-        raise SearchError(
-            f"the latency profile belongs to checkpoint {latency_model.fingerprint}, not to "
-            f"{checkpoint.fingerprint}; profile this checkpoint with `mnm profile`"
-        )
-    costs = CostModel(checkpoint, latency_model=latency_model, memory_target=memory_target)
+    named = [_as_seed(seed) for seed in named_configs]
+    _check_request(family, space, settings, named, latency_model, memory_target)
+    costs = CostModel(family, latency_model=latency_model, memory_target=memory_target)
     limits = settings.constraints()
     check_feasible(space, costs, limits)
-    setup = study_setup(checkpoint, space, settings, eval_set, costs)
+    setup = study_setup(family, space, settings, eval_set, costs)
 
     storage_obj = open_storage(storage, results_dir, on_warning=on_warning)
     study, created = open_study(study_name, storage_obj, setup, settings)
@@ -950,11 +824,14 @@ def run_search(
     if settings.sampler == "exhaustive":
         n_target = min(n_target, space.size)
     if created:
-        seeds = [(label, list(widths)) for label, widths in named_configs]
-        if settings.seed_configs:
-            seeds += seed_configs(space, checkpoint, costs, limits)
-        for label, widths in seeds:
-            study.enqueue_trial(space.to_params(widths), user_attrs={"seed": label})
+        seeds = named + (
+            seed_configs(space, family, costs, limits) if settings.seed_configs else []
+        )
+        for seed in seeds:
+            study.enqueue_trial(
+                space.to_params(list(seed.widths)),
+                user_attrs={SEED_ATTR: seed.label, SEED_KIND_ATTR: seed.kind},
+            )
     # The creating worker uses the seed as given (reproducible runs); others joining or
     # resuming get their own stream so they do not propose the same configurations.
     sampler_seed = settings.seed if created else (settings.seed * 1_000_003 + os.getpid())
@@ -966,32 +843,28 @@ def run_search(
         worker,
     )
 
-    distributions = {
-        param_name(layer): CategoricalDistribution(list(options))
-        for layer, options in enumerate(space.choices)
-    }
-    evaluator = _evaluator(checkpoint, eval_set, settings, space)
-    screener = (
-        _evaluator(
-            checkpoint,
-            eval_subset(eval_set, settings.fidelity_tokens),
-            dataclasses.replace(settings, cache_mb=settings.cache_mb / 4),
-            space,
-            screening=True,
+    evaluator = _evaluator(family, eval_set, settings, space)
+    screen = (
+        FidelityScreen(
+            _evaluator(
+                family,
+                eval_subset(eval_set, settings.fidelity_tokens),
+                dataclasses.replace(settings, cache_mb=settings.cache_mb / 4),
+                space,
+                screening=True,
+            ),
+            study,
+            settings.columns,
         )
         if settings.fidelity_tokens
         else None
     )
-    fidelity_gaps: list[float] = []  # full - subset loss of fully evaluated configs
     guard = _SignalGuard()
     guard.study = study
-    started = time.monotonic()
-    n_new = 0
-    consecutive_failures = 0
-    failures_seen: set[str] = set()
-    last_write = 0.0
-    write_seconds = 0.0
-    last_progress = 0.0
+    claims = TrialClaims(study, n_target)
+    objective = _Objective(
+        space, settings, costs, limits, claims, evaluator, screen=screen, guard=guard
+    )
     info = dict(run_info or {})
     info.update(
         {
@@ -1003,9 +876,9 @@ def run_search(
             "objectives": list(settings.objectives),
             "objective_columns": settings.columns,
             "constraints": limits,
-            "fingerprint": checkpoint.fingerprint,
-            "checkpoint": str(checkpoint.path.resolve()) if checkpoint.path else None,
-            "family": "matlm" if native else checkpoint.name,
+            "fingerprint": family.fingerprint,
+            "checkpoint": str(family.path.resolve()) if family.path else None,
+            "family": family.name,
             "space": space.to_dict(),
             "space_size": space.size,
             "eval_tokens": eval_set.n_tokens,
@@ -1014,205 +887,37 @@ def run_search(
             "versions": {"optuna": optuna.__version__, "torch": _torch_version()},
         }
     )
-
-    def complete_count() -> int:
-        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
-    def done_count() -> int:
-        """Trials that used up budget: complete ones and those that failed on a bad value."""
-        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-        return sum(t.state == TrialState.COMPLETE or _eval_failed(t) for t in trials)
-
-    def known_values(params: dict[str, Any]) -> dict[str, Any] | None:
-        for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if other.params == params and _metrics(other).get("fidelity") == "full":
-                return dict(_metrics(other), trial=other.number)
-        return None
-
-    def can_reach_front(metrics: dict[str, float], loss_low: float) -> bool:
-        if len(fidelity_gaps) < 5:
-            return True
-        mean = sum(fidelity_gaps) / len(fidelity_gaps)
-        spread = (sum((g - mean) ** 2 for g in fidelity_gaps) / len(fidelity_gaps)) ** 0.5
-        optimistic = {**metrics, "loss": loss_low + mean - 3 * spread - 1e-3}
-        columns = settings.columns
-        for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            attrs = _metrics(other)
-            if attrs.get("fidelity") != "full" or any(v > 0 for v in other.constraints.values()):
-                continue
-            if all(attrs[c] <= optimistic[c] for c in columns) and any(
-                attrs[c] < optimistic[c] for c in columns
-            ):
-                return False
-        return True
-
-    def objective(trial: optuna.Trial) -> tuple[float, ...]:
-        # Claim: the trials numbered before this one that are done or running. If they
-        # already make up the total, this one is surplus (several workers raced for it).
-        def claimed_ahead() -> list[FrozenTrial]:
-            return [
-                t
-                for t in study.get_trials(
-                    deepcopy=False,
-                    states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL),
-                )
-                if t.number < trial.number
-                and not t.user_attrs.get("surplus")
-                and (t.state != TrialState.FAIL or _eval_failed(t))
-            ]
-
-        guard.check()  # a signal held while the previous trial was being stored
-        ahead = claimed_ahead()
-        # Before calling this trial surplus, make sure no claim ahead of it is an orphan of a
-        # killed worker: owned orphans fail at once, untagged ones once they are stale.
-        deadline = time.monotonic() + _STALE_WITHOUT_OWNER.total_seconds() + 2
-        while len(ahead) >= n_target and any(t.state == TrialState.RUNNING for t in ahead):
-            if fail_dead_trials(study):
-                ahead = claimed_ahead()
-                continue
-            untagged = any(
-                t.state == TrialState.RUNNING and "worker" not in t.user_attrs for t in ahead
-            )
-            if not untagged or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-            ahead = claimed_ahead()
-        if len(ahead) >= n_target:
-            trial.set_user_attr("surplus", True)
-            study.stop()
-            raise optuna.TrialPruned("surplus trial: the study already has its total")
-        params = {
-            name: trial.suggest_categorical(name, dist.choices)
-            for name, dist in distributions.items()
-        }
-        widths = space.from_params(params)
-        metrics: dict[str, Any] = costs(widths)
-        failure = _failure(metrics, list(metrics))
-        if failure is not None:  # no quality evaluation for a configuration we cannot place
-            return fail(trial, metrics, failure)
-        for column, limit in limits.items():
-            trial.set_constraint(column, metrics[column] - limit)
-        known = known_values(trial.params)
-        if known is not None:  # the sampler proposed a configuration already evaluated
-            metrics.update({c: known.get(c) for c in ("loss", "kl", "agreement", "disagreement")})
-            metrics["fidelity"] = "full"
-            metrics["duplicate_of"] = known.get("trial")
-        else:
-            full = True
-            if screener is not None:
-                with guard.interruptible():
-                    loss_low = screener.evaluate(widths).loss
-                if not can_reach_front(metrics, loss_low):
-                    mean = sum(fidelity_gaps) / len(fidelity_gaps)
-                    metrics["loss"] = loss_low + mean  # predicted; dominated either way
-                    metrics["fidelity"] = "subset"
-                    full = False
-            if full:
-                with guard.interruptible():
-                    quality = evaluator.evaluate(widths)
-                metrics["loss"] = quality.loss
-                metrics["fidelity"] = "full"
-                if quality.agreement is not None:
-                    metrics["kl"] = quality.kl
-                    metrics["agreement"] = quality.agreement
-                    metrics["disagreement"] = 1.0 - quality.agreement
-                if screener is not None and math.isfinite(quality.loss - loss_low):
-                    fidelity_gaps.append(quality.loss - loss_low)
-        failure = _failure(metrics, settings.columns)
-        if failure is not None:
-            return fail(trial, metrics, failure)
-        trial.set_user_attr(_METRICS_ATTR, metrics)
-        return tuple(float(metrics[c]) for c in settings.columns)
-
-    def fail(trial: optuna.Trial, metrics: dict[str, Any], reason: str) -> tuple[float, ...]:
-        # Returning NaN makes Optuna fail the trial without a traceback; the reason stays with
-        # the trial (and in trials.csv). Stored metrics leave non-finite values out: tables
-        # have integer columns, and strict JSON has no NaN.
-        finite = {k: v for k, v in metrics.items() if not _non_finite(v)}
-        trial.set_user_attr(_METRICS_ATTR, finite)
-        trial.set_user_attr(_FAIL_ATTR, reason)
-        return tuple(math.nan for _ in settings.columns)
-
-    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        nonlocal n_new, consecutive_failures, last_write, write_seconds, last_progress
-        reason = trial.user_attrs.get(_FAIL_ATTR) if trial.state == TrialState.FAIL else None
-        if trial.state == TrialState.COMPLETE:
-            n_new += 1
-            consecutive_failures = 0
-        elif reason is not None:
-            consecutive_failures += 1
-        trials = study.get_trials(deepcopy=False)
-        n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
-        n_failed = sum(_eval_failed(t) for t in trials)
-        if n_complete + n_failed >= n_target:
-            study.stop()
-        if n_complete == 0 and consecutive_failures >= _MAX_FAILURES_WITHOUT_SUCCESS:
-            study.stop()  # run_search raises once the files are written
-        new_failure = reason if reason is not None and reason not in failures_seen else None
-        if new_failure is not None:
-            failures_seen.add(new_failure)
-        now = time.monotonic()
-        # Progress costs O(trials): at most once a second, but a new failure at once.
-        show = on_progress is not None and (
-            now - last_progress > 1 or n_complete + n_failed >= n_target or new_failure
-        )
-        # Each finished trial reaches trials.csv at once, so a crash loses none; only where
-        # a write is slow (huge studies) are writes spaced to take at most a tenth of the time.
-        due = trial.state in (TrialState.COMPLETE, TrialState.FAIL) and (
-            write_seconds < _FAST_WRITE_S or now - last_write >= 10 * write_seconds
-        )
-        if not (show or due):
-            return
-        frame = trials_frame(trials, space, settings.columns)
-        if due:
-            _write(frame)
-            write_seconds = time.monotonic() - now
-            last_write = time.monotonic()
-        if show and on_progress is not None:
-            last_progress = now
-            feasible = frame[(frame["state"] == "COMPLETE") & frame["feasible"]]
-            on_progress(
-                SearchProgress(
-                    n_complete=n_complete,
-                    n_target=n_target,
-                    n_new=n_new,
-                    trials_per_s=n_new / max(now - started, 1e-9),
-                    best_loss=float(feasible["loss"].min()) if not feasible.empty else None,
-                    hypervolume=_front_hypervolume(frame, settings.columns),
-                    n_failed=n_failed,
-                    failure=new_failure,
-                )
-            )
-
-    def _write(frame: pd.DataFrame) -> pd.DataFrame:
-        info["n_complete"] = int((frame["state"] == "COMPLETE").sum()) if not frame.empty else 0
-        info["n_failed"] = int(frame["fail_reason"].notna().sum()) if "fail_reason" in frame else 0
-        info["seed_trials"] = {
-            str(row.trial): row.source for row in frame.itertuples() if row.source != "sampler"
-        }
-        return write_results(results_dir, frame, settings.columns, info)
+    sink = ResultsSink(
+        results_dir,
+        space,
+        settings.columns,
+        info,
+        n_target=n_target,
+        on_progress=on_progress,
+        fast_write_s=_FAST_WRITE_S,
+    )
 
     if on_ready is not None:
-        on_ready(complete_count())
+        on_ready(claims.complete_count())
     if handle_signals:
         guard.install()
     try:
-        if done_count() < n_target:
+        if claims.done_count() < n_target:
             study.optimize(
                 objective,
-                callbacks=[after_trial],
+                callbacks=[sink.after_trial],
                 catch=(),
                 gc_after_trial=False,
                 show_progress_bar=False,
             )
         guard.check()  # a signal held while Optuna stored the last trial
     except KeyboardInterrupt:
-        _fail_running(study, worker)
+        fail_running(study, worker)
         raise
     finally:
         try:  # signals stay held until the files are whole
-            frame = trials_frame(study.get_trials(deepcopy=False), space, settings.columns)
-            front = _write(frame)
+            frame = sink.frame(study.get_trials(deepcopy=False))
+            front = sink.write(frame)
         finally:
             guard.uninstall()
     if info["n_complete"] == 0 and info["n_failed"]:
@@ -1227,8 +932,8 @@ def run_search(
         pareto=front,
         run_info=info,
         results_dir=results_dir,
-        n_new=n_new,
-        seconds=time.monotonic() - started,
+        n_new=sink.n_new,
+        seconds=time.monotonic() - sink.started,
         cache_stats={
             "evaluations": stats.evaluations,
             "prefix_hits": stats.prefix_hits,
@@ -1238,23 +943,154 @@ def run_search(
     )
 
 
+def _as_seed(seed: SeedConfig | tuple[str, Sequence[int]]) -> SeedConfig:
+    """A named configuration as a SeedConfig ((label, widths) pairs are named seeds)."""
+    if isinstance(seed, SeedConfig):
+        return seed
+    label, widths = seed
+    return SeedConfig("named", label, tuple(int(w) for w in widths))
+
+
+def _check_request(
+    family: Family,
+    space: SearchSpace,
+    settings: SearchSettings,
+    named: Sequence[SeedConfig],
+    latency_model: LatencyModel | None,
+    memory_target: HardwareTarget | None,
+) -> None:
+    """Refuse, before any file is written, a search that cannot run as asked."""
+    wanted = list(settings.objectives)
+    wanted += [
+        name
+        for name, setting in _CONSTRAINT_OF.items()
+        if getattr(settings, setting) is not None and name not in wanted
+    ]
+    for name in wanted:
+        reason = family.unsupported_objectives.get(name)
+        if reason is not None:
+            what = f"objective {name}" if name in settings.objectives else _CONSTRAINT_OF[name]
+            raise SearchError(
+                f"the {family.name} family cannot compute {name} ({what}): {reason}; "
+                f"choose other objectives/constraints"
+            )
+    for seed in named:
+        if not space.contains(list(seed.widths)):
+            skips = any(w == 0 for w in seed.widths)
+            hint = " (it skips layers: add --allow-skip)" if skips else ""
+            raise SearchError(
+                f"configuration {seed.label!r} ({','.join(map(str, seed.widths))}) is not in "
+                f"the search space{hint}; widen the space or leave it out"
+            )
+    if settings.needs_latency and latency_model is None:
+        raise SearchError(
+            "the latency objective/constraint needs a latency profile: pass --profile FILE.json "
+            "or --target profiles/NAME.yaml (or use --objectives loss,params)"
+        )
+    if settings.needs_memory and memory_target is None:
+        raise SearchError("the memory objective/constraint needs a hardware target")
+    if latency_model is not None and latency_model.fingerprint != family.fingerprint:
+        raise SearchError(
+            f"the latency profile belongs to checkpoint {latency_model.fingerprint}, not to "
+            f"{family.fingerprint}; profile this checkpoint with `mnm profile`"
+        )
+
+
+class _Objective:
+    """One trial, as Optuna calls it: claim a place, sample a configuration, cost it, then
+    get its quality (reused for a configuration already evaluated, predicted for one the
+    fidelity screen rules out, else evaluated) and store every metric with the trial.
+
+    A configuration whose cost or quality is not finite fails with the reason stored.
+    """
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        settings: SearchSettings,
+        costs: CostModel,
+        limits: dict[str, float],
+        claims: TrialClaims,
+        evaluator: Any,
+        *,
+        screen: FidelityScreen | None,
+        guard: _SignalGuard,
+    ) -> None:
+        self.space = space
+        self.columns = settings.columns
+        self.costs = costs
+        self.limits = limits
+        self.claims = claims
+        self.evaluator = evaluator
+        self.screen = screen
+        self.guard = guard
+        self.distributions = {
+            param_name(layer): CategoricalDistribution(list(options))
+            for layer, options in enumerate(space.choices)
+        }
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        self.guard.check()  # a signal held while the previous trial was being stored
+        self.claims.claim(trial)
+        params = {
+            name: trial.suggest_categorical(name, dist.choices)
+            for name, dist in self.distributions.items()
+        }
+        widths = self.space.from_params(params)
+        metrics: dict[str, Any] = self.costs(widths)
+        failure = _failure(metrics, list(metrics))
+        if failure is not None:  # no quality evaluation for a configuration we cannot place
+            return self._fail(trial, metrics, failure)
+        for column, limit in self.limits.items():
+            trial.set_constraint(column, metrics[column] - limit)
+        known = self.claims.known(trial.params)
+        # The sampler may propose a configuration already evaluated: its quality is reused.
+        metrics.update(known if known is not None else self._quality(widths, metrics))
+        failure = _failure(metrics, self.columns)
+        if failure is not None:
+            return self._fail(trial, metrics, failure)
+        trial.set_user_attr(METRICS_ATTR, metrics)
+        return tuple(float(metrics[c]) for c in self.columns)
+
+    def _quality(self, widths: list[int], costs: dict[str, Any]) -> dict[str, Any]:
+        """Loss (and kl/agreement where asked) of `widths`, screened first if enabled."""
+        loss_low = None
+        if self.screen is not None:
+            loss_low, predicted = self.screen.screen(widths, costs, self.guard.interruptible)
+            if predicted is not None:
+                return {"loss": predicted, "fidelity": "subset"}
+        with self.guard.interruptible():
+            quality = self.evaluator.evaluate(widths)
+        metrics: dict[str, Any] = {"loss": quality.loss, "fidelity": "full"}
+        if quality.agreement is not None:
+            metrics["kl"] = quality.kl
+            metrics["agreement"] = quality.agreement
+            metrics["disagreement"] = 1.0 - quality.agreement
+        if self.screen is not None and loss_low is not None:
+            self.screen.record(quality.loss, loss_low)
+        return metrics
+
+    def _fail(self, trial: optuna.Trial, metrics: dict[str, Any], reason: str) -> tuple[float, ...]:
+        # Returning NaN makes Optuna fail the trial without a traceback; the reason stays with
+        # the trial (and in trials.csv). Stored metrics leave non-finite values out: tables
+        # have integer columns, and strict JSON has no NaN.
+        finite = {k: v for k, v in metrics.items() if not _non_finite(v)}
+        trial.set_user_attr(METRICS_ATTR, finite)
+        trial.set_user_attr(FAIL_ATTR, reason)
+        return tuple(math.nan for _ in self.columns)
+
+
 def _evaluator(
-    subject: Subject,
+    family: Family,
     eval_set: EvalSet,
     settings: SearchSettings,
     space: SearchSpace,
     *,
     screening: bool = False,
-) -> Any:
-    """The quality evaluator of the subject's family (anything with `evaluate` and `stats`)."""
-    if not isinstance(subject, Checkpoint):
-        from mnm_search.families.gemma3n import Gemma3nEvaluator
-
-        return Gemma3nEvaluator(subject, eval_set)
-    from mnm_search.families.matlm import MatLMFamily
-
+) -> CachedEvaluator:
+    """The quality evaluator: prefix-cached, for every family (through its layer steps)."""
     return CachedEvaluator(
-        MatLMFamily(subject),
+        family,
         eval_set,
         batch_size=settings.batch_size,
         cache_mb=settings.cache_mb,

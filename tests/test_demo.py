@@ -25,7 +25,7 @@ LIGHT = HardwareTarget(
 def tiny_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("mnm_search.checkpoint.default_checkpoint_path", lambda: tiny_checkpoint)
-    monkeypatch.setattr(_demo, "default_measurement_target", lambda checkpoint: LIGHT)
+    monkeypatch.setattr(_demo, "default_measurement_target", lambda family: LIGHT)
     monkeypatch.setattr(
         _demo, "QUICK", _demo.DemoPlan(quick_profile=True, trials=8, eval_tokens=256)
     )
@@ -35,7 +35,7 @@ def tiny_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoin
 def test_demo_quick_runs_the_whole_pipeline(
     tmp_path: Path, tiny_default: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    measured = _demo.profile_with_progress
+    measured = _demo.profile_loaded
 
     def noisy_profile(*args: Any, **kwargs: Any) -> dict[str, Any]:
         """The real profile with the validation of a busy machine (the demo must warn)."""
@@ -44,7 +44,7 @@ def test_demo_quick_runs_the_whole_pipeline(
         profile["warnings"] = latency_model_warnings(profile["validation"])
         return profile
 
-    monkeypatch.setattr(_demo, "profile_with_progress", noisy_profile)
+    monkeypatch.setattr(_demo, "profile_loaded", noisy_profile)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.INFO)
     try:

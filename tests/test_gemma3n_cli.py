@@ -146,10 +146,9 @@ def test_missing_shard_is_a_clear_error(ckpt: Path) -> None:
 def test_native_only_options_are_refused(ckpt: Path, tiny_checkpoint: Path) -> None:
     result = _invoke(["info", tiny_checkpoint, "--step", "64"])
     assert result.exit_code == 1 and "--step (step=64) does not apply to native" in result.output
-    result = _invoke(["search", ckpt, "--objectives", "loss,memory", "--target", "tiny.yaml"])
-    assert result.exit_code == 1 and "memory" in result.output and "native" in result.output
     result = _invoke(["search", ckpt, "--objectives", "loss,params", "--interpolate", "1"])
-    assert result.exit_code == 1 and "--interpolate applies to native" in result.output
+    assert result.exit_code == 1 and "--interpolate" in result.output
+    assert "does not apply to Gemma 3n" in " ".join(result.output.split())
     result = _invoke(["export", ckpt, "--widths", "64*6", "--out", "x", "--format", "onnx"])
     assert result.exit_code == 1 and "exports as --format hf" in result.output
     assert not Path("x").exists()
@@ -198,6 +197,41 @@ def test_search_with_matformer_lab_configs_then_pareto_and_export(ckpt: Path) ->
     assert len(front["exports"]) == len(pareto["front"])
     summary = __import__("pandas").read_csv("front/front.csv")
     assert sorted(summary["trial"]) == sorted(row["trial"] for row in pareto["front"])
+
+
+def test_search_with_memory_kl_and_disagreement(ckpt: Path) -> None:
+    """Gemma 3n searches every objective: memory on a target, kl/disagreement against the
+    full model (through its layer steps, with prefix caching)."""
+    import pandas as pd
+
+    from mnm_search.families import load_family
+    from mnm_search.targets import load_target
+
+    family = load_family(ckpt)
+    try:
+        family.layer_steps()
+    except NotImplementedError:
+        pytest.skip("Gemma 3n has no layer steps yet (the cached evaluator needs them)")
+    search = _json(
+        [
+            "search", ckpt, "--objectives", "loss,memory,kl,disagreement", "--trials", "6",
+            "--sampler", "random", "--target", "tiny.yaml", "--out", "res", "--max-tokens", "64",
+        ]
+    )  # fmt: skip
+    assert search["n_complete"] == 6
+    trials = pd.read_csv("res/trials.csv", dtype={"widths": str})
+    assert (trials["state"] == "COMPLETE").all()
+    assert "uniform" in set(trials["seed_kind"].dropna())
+    target = load_target("tiny.yaml")
+    for row in trials.itertuples():
+        widths = [int(w) for w in row.widths.split(",")]
+        assert row.memory_bytes == family.memory_bytes(widths, target).total
+        assert row.kl >= -1e-6 and 0 <= row.disagreement <= 1
+    at_full = trials[trials["widths"] == ",".join(map(str, family.full_widths()))]
+    assert not at_full.empty and at_full["kl"].abs().max() < 1e-5
+    assert (at_full["disagreement"] == 0).all()
+    info = json.loads(Path("res/run.json").read_text())
+    assert info["family"] == "gemma3n" and info["step"] == family.describe()["step"]
 
 
 def test_lab_config_that_skips_needs_allow_skip(ckpt: Path) -> None:

@@ -35,6 +35,7 @@ from mnm_search.cli import app
 from mnm_search.config import ModelConfig
 from mnm_search.data import EvalSet, load_eval_set
 from mnm_search.errors import SearchError
+from mnm_search.families.matlm import MatLMFamily
 from mnm_search.model import MatLM
 from mnm_search.pareto import ResultsError, read_results
 from mnm_search.space import SearchSpace
@@ -62,7 +63,7 @@ def _search(
 ) -> object:
     storage = kwargs.pop("storage", None)
     return run_search(
-        checkpoint,
+        MatLMFamily(checkpoint),
         SearchSpace.from_config(checkpoint.config),
         SearchSettings(n_trials=n_trials, objectives=("loss", "params"), **kwargs),  # type: ignore[arg-type]
         eval_set,

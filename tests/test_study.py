@@ -14,6 +14,8 @@ from mnm_search.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from mnm_search.config import ModelConfig, param_count
 from mnm_search.data import EvalSet, load_eval_set
 from mnm_search.errors import ConfigError, SearchError
+from mnm_search.families.base import SeedConfig
+from mnm_search.families.matlm import MatLMFamily
 from mnm_search.latency import LatencyModel
 from mnm_search.model import MatLM
 from mnm_search.pareto import pareto_front, parse_widths_column
@@ -60,16 +62,17 @@ def eval_set() -> EvalSet:
 
 @pytest.fixture(scope="module")
 def latency_model(checkpoint: Checkpoint) -> LatencyModel:
-    from mnm_search.profiler import profile_checkpoint
+    from mnm_search.profiler import profile
 
-    return LatencyModel.from_profile(profile_checkpoint(checkpoint, TINY_TARGET, quick=True))
+    family = MatLMFamily(checkpoint).prepare_for_target(TINY_TARGET)
+    return LatencyModel.from_profile(profile(family, TINY_TARGET, quick=True))
 
 
 def _run(checkpoint, eval_set, tmp_path, study="s", space=None, **kwargs):  # type: ignore[no-untyped-def]
     extra = {k: kwargs.pop(k) for k in ("latency_model", "memory_target", "storage") if k in kwargs}
     settings = SearchSettings(**{"objectives": ("loss", "params"), **kwargs})
     return run_search(
-        checkpoint,
+        MatLMFamily(checkpoint),
         space or SearchSpace.from_config(checkpoint.config),
         settings,
         eval_set,
@@ -109,6 +112,10 @@ def test_search_writes_results_with_seeds_first(
     assert trials["source"].tolist()[:4] == ["uniform S", "uniform M", "uniform L", "uniform XL"]
     assert (trials["source"].iloc[4:10] == "min-slope").all()
     assert (trials["source"].iloc[10:] == "sampler").all()
+    # what each seed is, stored next to its label (nothing parses labels back)
+    assert (trials["seed_kind"].iloc[:4] == "uniform").all()
+    assert (trials["seed_kind"].iloc[4:10] == "min-slope").all()
+    assert trials["seed_kind"].iloc[10:].isna().all()
     for row in trials.itertuples():
         widths = parse_widths_column(row.widths)
         assert row.params == param_count(TINY, widths)
@@ -348,3 +355,52 @@ def test_dead_worker_trials_are_failed(
     states = {t.number: t.state for t in study.get_trials()}
     assert states[trial.number] == optuna.trial.TrialState.FAIL
     assert states[trial_alive.number] == optuna.trial.TrialState.RUNNING
+
+
+def test_named_configs_come_first_with_their_kind(
+    checkpoint: Checkpoint, eval_set: EvalSet, tmp_path: Path
+) -> None:
+    named = SeedConfig("named", "lab: Mixed", (64, 16, 32))
+    result = run_search(
+        MatLMFamily(checkpoint),
+        SearchSpace.from_config(checkpoint.config),
+        SearchSettings(n_trials=3, objectives=("loss", "params"), seed_configs=False),
+        eval_set,
+        study_name="s",
+        results_dir=tmp_path / "s",
+        named_configs=[named],
+    )
+    first = result.trials.iloc[0]
+    assert first["source"] == "lab: Mixed" and first["seed_kind"] == "named"
+    assert parse_widths_column(first["widths"]) == [64, 16, 32]
+
+
+@pytest.mark.parametrize(
+    ("objectives", "limits", "match"),
+    [
+        (("loss", "memory"), {}, "cannot compute memory \\(objective memory\\): no model"),
+        (("loss", "params"), {"max_memory": 10**6}, "cannot compute memory \\(max_memory\\)"),
+    ],
+)
+def test_objectives_a_family_cannot_compute_are_refused(
+    checkpoint: Checkpoint,
+    eval_set: EvalSet,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    objectives: tuple[str, ...],
+    limits: dict,
+    match: str,
+) -> None:
+    family = MatLMFamily(checkpoint)
+    monkeypatch.setattr(family, "unsupported_objectives", {"memory": "no model of its memory"})
+    with pytest.raises(SearchError, match=f"the matlm family {match}"):
+        run_search(
+            family,
+            SearchSpace.from_config(checkpoint.config),
+            SearchSettings(n_trials=3, objectives=objectives, **limits),
+            eval_set,
+            study_name="s",
+            results_dir=tmp_path / "s",
+            memory_target=TINY_TARGET,
+        )
+    assert not (tmp_path / "s").exists()

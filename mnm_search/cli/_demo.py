@@ -16,18 +16,16 @@ from typing import Annotated, Any
 import typer
 
 from mnm_search._files import refuse_overlap
-from mnm_search.checkpoint import default_checkpoint_path, load_checkpoint
 from mnm_search.cli._common import err, loss_label, out, progress_bar, user_errors
 from mnm_search.cli._export import default_measurement_target
 from mnm_search.cli._pareto import Results, front_table, print_front, write_outputs
-from mnm_search.cli._profile import print_latency_model_warnings, profile_with_progress
+from mnm_search.cli._profile import print_latency_model_warnings, profile_loaded
 from mnm_search.cli._search import quiet_optuna
-from mnm_search.data import load_eval_set
 from mnm_search.errors import ConfigError
 from mnm_search.export import export_submodel, pick_under_budget
+from mnm_search.families import load_family
 from mnm_search.latency import LatencyModel
 from mnm_search.profiler import write_profile
-from mnm_search.space import SearchSpace
 from mnm_search.study import SearchProgress, SearchSettings, run_search
 
 MARKER = "demo.json"  # marks a directory as the demo's own, so a re-run may replace it
@@ -47,11 +45,12 @@ FULL = DemoPlan(quick_profile=False, trials=100, eval_tokens=8_192)
 QUICK = DemoPlan(quick_profile=True, trials=30, eval_tokens=4_096)
 
 
-def _prepare(out_dir: Path, checkpoint_dir: Path) -> None:
+def _prepare(out_dir: Path, checkpoint_dir: Path | None) -> None:
     """Start from an empty directory; replace only a previous demo's output."""
     # Before anything is removed: a demo.json planted in the package must not make the
     # embedded checkpoint (or a directory holding it) look like a demo's own output.
-    refuse_overlap(out_dir, {"the embedded checkpoint": checkpoint_dir})
+    if checkpoint_dir is not None:
+        refuse_overlap(out_dir, {"the embedded checkpoint": checkpoint_dir})
     if out_dir.exists():
         if not (out_dir / MARKER).is_file():
             raise ConfigError(
@@ -85,14 +84,13 @@ def demo(
     """
     plan = QUICK if quick else FULL
     started = time.perf_counter()
-    checkpoint = load_checkpoint(None)
-    config = checkpoint.config
-    _prepare(out_dir, checkpoint.path or default_checkpoint_path())
+    family = load_family(None)  # the embedded default checkpoint
+    _prepare(out_dir, family.path)
 
-    target = default_measurement_target(checkpoint)
+    target = default_measurement_target(family)
     kind = "quick profile" if plan.quick_profile else "profile"
     _stage(1, f"{kind} of {target.describe()}")
-    profile = profile_with_progress(checkpoint, target, quick=plan.quick_profile)
+    profile = profile_loaded(family, target, quick=plan.quick_profile)
     validation = profile.get("validation") or {}
     profile_path = write_profile(profile, out_dir / "profile.json")
     latency_model = LatencyModel.from_profile(profile)
@@ -104,13 +102,13 @@ def demo(
         )
     print_latency_model_warnings(profile["warnings"])
 
-    eval_set = load_eval_set(None, seq_len=config.max_seq_len, max_tokens=plan.eval_tokens)
+    eval_set = family.load_eval_set(None, max_tokens=plan.eval_tokens)
     _stage(
         2,
         f"searching {plan.trials} configurations (loss: {loss_label(None, eval_set.n_tokens)})",
     )
     settings = SearchSettings(n_trials=plan.trials, objectives=("loss", "latency"), seed=0)
-    full_ms = latency_model.predict_ms(config.physical_widths)
+    full_ms = latency_model.predict_ms(family.full_widths())
     budget = BUDGET_SHARE * full_ms
     quiet_optuna()  # Optuna's per-trial INFO lines would bury the progress in a log
     with progress_bar() as progress:
@@ -123,8 +121,8 @@ def demo(
             progress.update(task, completed=event.n_complete, status=status)
 
         run_search(
-            checkpoint,
-            SearchSpace.from_config(config),
+            family,
+            family.search_space(),
             settings,
             eval_set,
             study_name="demo",
@@ -157,7 +155,7 @@ def demo(
     export_dir = out_dir / "export"
     with err.status("exporting") as status:
         report = export_submodel(
-            checkpoint,
+            family,
             member,
             export_dir,
             eval_set=eval_set,
@@ -172,7 +170,7 @@ def demo(
         "status": "done",
         "quick": quick,
         "seconds": round(seconds, 1),
-        "checkpoint": str(checkpoint.path),
+        "checkpoint": str(family.path),
         "profile": str(profile_path),
         "results_dir": str(out_dir),
         "plot": str(plot_path),

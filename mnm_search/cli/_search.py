@@ -15,7 +15,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from mnm_search._files import refuse_overlap
-from mnm_search.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
 from mnm_search.cli._common import (
     DEFAULT_EVAL_TOKENS,
     CkptArg,
@@ -24,22 +23,17 @@ from mnm_search.cli._common import (
     StepOpt,
     add_number_column,
     err,
-    family_of,
     loss_label,
     out,
     print_json,
     progress_bar,
-    refuse_step,
     user_errors,
 )
-from mnm_search.cli._pareto import LAB_PREFIX
-from mnm_search.config import format_widths, parse_widths, run_length_widths
-from mnm_search.data import load_eval_set
-from mnm_search.errors import ConfigError, Terminated, WidthsError
-from mnm_search.families import GEMMA3N
+from mnm_search.errors import ConfigError, Terminated
+from mnm_search.families import load_family
+from mnm_search.families.base import Family
 from mnm_search.pareto import parse_widths_column
 from mnm_search.redact import redact, url_secrets
-from mnm_search.space import SearchSpace
 from mnm_search.study import (
     DEFAULT_SAMPLER,
     OBJECTIVES,
@@ -86,55 +80,38 @@ def _objectives(spec: str) -> tuple[str, ...]:
 
 
 def _latency_model(
-    checkpoint: Any,
+    family: Family,
     profile: Path | None,
     target: Path | None,
     results_dir: Path,
     *,
     quick_profile: bool,
 ) -> Any:
-    """The latency model from --profile, or from profiling --target (kept for resuming).
-
-    `checkpoint` is a native `Checkpoint` or a loaded Gemma 3n family."""
+    """The latency model from --profile, or from profiling --target (kept for resuming)."""
     from mnm_search.cli._profile import (
         load_profile_for,
         print_latency_model_warnings,
+        profile_loaded,
         resolve_target,
     )
+    from mnm_search.profiler import write_profile
 
     if profile is not None:
-        return load_profile_for(checkpoint, profile)
+        return load_profile_for(family, profile)
     saved = results_dir / PROFILE_FILE
     if saved.is_file():  # a resumed search keeps the latencies it started with
         err.print(f"using the latency profile measured for this study: {saved}")
-        return load_profile_for(checkpoint, saved)
-    from mnm_search.profiler import profile_checkpoint, write_profile
-
+        return load_profile_for(family, saved)
     hardware = resolve_target(target)
     err.print(
         f"no --profile given: profiling on target {hardware.name} first "
         f"({'quick' if quick_profile else 'full'}; pass --profile FILE.json to skip)"
     )
-    if isinstance(checkpoint, Checkpoint):
-        with progress_bar() as progress:
-            task = progress.add_task("profiling", total=None, status="")
-
-            def on_progress(event: Any) -> None:
-                progress.update(
-                    task, completed=event["done"], total=event["total"], status=event["stage"]
-                )
-
-            data = profile_checkpoint(
-                checkpoint, hardware, quick=quick_profile, on_progress=on_progress
-            )
-    else:
-        from mnm_search.cli import _gemma3n
-
-        data = _gemma3n.profile_loaded(checkpoint, hardware, quick=quick_profile)
+    data = profile_loaded(family, hardware, quick=quick_profile)
     results_dir.mkdir(parents=True, exist_ok=True)
     write_profile(data, saved)
     print_latency_model_warnings(data["warnings"])
-    return load_profile_for(checkpoint, saved)
+    return load_profile_for(family, saved)
 
 
 def _default_results_dir(study_name: str) -> Path:
@@ -271,73 +248,25 @@ def search(
         cache_mb=cache_mb,
         fidelity_tokens=fidelity_tokens,
     )
-    checkpoint: Any
-    if ckpt is not None and family_of(ckpt) == GEMMA3N:
-        if settings.needs_memory or settings.needs_agreement:
-            raise ConfigError(
-                "Gemma 3n searches support the objectives loss, latency and params; memory, "
-                "kl and disagreement need a native mnm checkpoint"
-            )
-        if interpolate:
-            raise ConfigError(
-                "--interpolate applies to native checkpoints; Gemma 3n widths are the "
-                "multiples of the width step (choose a finer one with --step)"
-            )
-        from mnm_search.cli import _gemma3n
-        from mnm_search.families import load_gemma3n
-
-        # Profiling here needs the target's dtype; otherwise the stored dtype is kept.
-        needs_profiling = settings.needs_latency and profile is None
-        if needs_profiling:
-            from mnm_search.cli._profile import resolve_target
-
-            checkpoint = _gemma3n.load_for_target(ckpt, resolve_target(target), step=step)
-        else:
-            checkpoint = load_gemma3n(ckpt, step=step)
-        space = checkpoint.search_space(
-            allow_skip=allow_skip,
-            min_widths=checkpoint.parse_widths(min_widths) if min_widths else None,
-            max_widths=checkpoint.parse_widths(max_widths) if max_widths else None,
-        )
-        seq_len = checkpoint.eval_seq_len
-        n_layers = checkpoint.n_layers
-        show_widths = run_length_widths
-    else:
-        refuse_step(step)
-        checkpoint = load_checkpoint(ckpt)
-        config = checkpoint.config
-        space = SearchSpace.from_config(
-            config,
-            allow_skip=allow_skip,
-            interpolate=interpolate,
-            min_widths=parse_widths(min_widths, config) if min_widths else None,
-            max_widths=parse_widths(max_widths, config) if max_widths else None,
-        )
-        seq_len = config.max_seq_len
-        n_layers = config.n_layers
-
-        def show_widths(widths: list[int]) -> str:
-            return format_widths(widths, config)
-
-    named = _lab_configs(lab_configs, n_layers) if lab_configs is not None else []
-    if not isinstance(checkpoint, Checkpoint):
-        for label, widths in named:
-            try:
-                checkpoint.validate_widths(widths)
-            except WidthsError as exc:
-                raise WidthsError(
-                    f"{lab_configs}: {label.removeprefix(LAB_PREFIX)!r}: {exc}"
-                ) from None
-    ckpt_name = checkpoint.path.name if checkpoint.path else "checkpoint"
+    family = load_family(ckpt, step=step)
+    space = family.search_space(
+        allow_skip=allow_skip,
+        interpolate=interpolate,
+        min_widths=family.parse_widths(min_widths) if min_widths else None,
+        max_widths=family.parse_widths(max_widths) if max_widths else None,
+    )
+    named = family.named_configs(lab_configs) if lab_configs is not None else []
+    ckpt_name = family.path.name if family.path else "checkpoint"
     study_name = study or f"{ckpt_name}-{'-'.join(names)}"
     results_dir = out_dir if out_dir is not None else _default_results_dir(study_name)
     # Only the checkpoint: `--profile results/x/profile.json` inside --out is how a study
     # is resumed with the profile it measured.
-    refuse_overlap(results_dir, {"the checkpoint": ckpt or default_checkpoint_path()})
+    if family.path is not None:
+        refuse_overlap(results_dir, {"the checkpoint": family.path})
     latency_model = None
     if settings.needs_latency:
         latency_model = _latency_model(
-            checkpoint, profile, target, results_dir, quick_profile=quick_profile
+            family, profile, target, results_dir, quick_profile=quick_profile
         )
     memory_target = None
     if settings.needs_memory:
@@ -346,10 +275,7 @@ def search(
         memory_target = (
             latency_model.target if latency_model is not None and target is None else None
         ) or resolve_target(target)
-    if isinstance(checkpoint, Checkpoint):
-        eval_set = load_eval_set(data, seq_len=seq_len, max_tokens=max_tokens)
-    else:
-        eval_set = checkpoint.load_eval_set(data, seq_len=seq_len, max_tokens=max_tokens)
+    eval_set = family.load_eval_set(data, max_tokens=max_tokens)
     command = "mnm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["search"] else ""
     # run.json is shared and kept: never with the storage password in it.
     command = redact(command, url_secrets(storage) if storage else ())
@@ -361,7 +287,7 @@ def search(
         "memory_target": memory_target.to_dict() if memory_target is not None else None,
         "data": str(data) if data else "bundled validation text",
         "lab_configs": str(lab_configs) if lab_configs is not None else None,
-        "step": getattr(checkpoint, "step", None),  # Gemma 3n: export validates with it
+        "step": family.describe().get("step"),  # families with a width step: export checks it
     }
 
     with progress_bar(transient=False) as progress:
@@ -402,7 +328,7 @@ def search(
         quiet_optuna()
         try:
             result = run_search(
-                checkpoint,
+                family,
                 space,
                 settings,
                 eval_set,
@@ -467,7 +393,7 @@ def search(
     table.add_column("source")
     for _, row in front.iterrows():
         widths = parse_widths_column(row["widths"])
-        cells = [str(row["trial"]), show_widths(widths)]
+        cells = [str(row["trial"]), family.format_widths(widths)]
         for column in columns:
             cells.append(_cell(column, row[column]))
         cells.append(str(row.get("source", "")))
@@ -477,13 +403,6 @@ def search(
         f"{result.run_info.get('n_complete')} trials complete ({result.n_new} new, "
         f"{result.seconds:.1f} s) -> {results_dir}/trials.csv, pareto.csv, run.json"
     )
-
-
-def _lab_configs(path: Path, n_layers: int) -> list[tuple[str, list[int]]]:
-    """(source label, widths) of every named configuration in a MatFormer Lab CSV."""
-    from mnm_search.families.matformer_lab import read_matformer_lab_csv
-
-    return [(f"{LAB_PREFIX}{c.name}", c.widths(n_layers)) for c in read_matformer_lab_csv(path)]
 
 
 def _plain(value: Any) -> Any:
