@@ -219,21 +219,10 @@ class ToyProbe(LatencyProbe):
     def sample(
         self, n: int, rng: random.Random, *, allow_skip: bool, exclude: Sequence[Sequence[int]] = ()
     ) -> list[Widths]:
-        choices, seen, configs = self.table_widths(), {tuple(w) for w in exclude}, []
-        for _ in range(200 * n):
-            if len(configs) == n:
-                break
-            level = rng.uniform(0, len(choices) - 1)
-            candidate = [
-                0
-                if allow_skip and rng.random() < 0.1
-                else choices[min(len(choices) - 1, max(0, round(rng.gauss(level, 0.8))))]
-                for _ in range(self.family.n_layers)
-            ]
-            if tuple(candidate) not in seen:
-                seen.add(tuple(candidate))
-                configs.append(candidate)
-        return configs
+        excluded = {tuple(w) for w in exclude}
+        space = self.family.search_space(allow_skip=allow_skip)  # small: enumerate it
+        pool = sorted((w for w in space.all_configs() if tuple(w) not in excluded), key=sum)
+        return [pool[i] for i in sorted(rng.sample(range(len(pool)), min(n, len(pool))))]
 
     def checkpoint_info(self) -> dict[str, Any]:
         family = self.family
