@@ -227,13 +227,16 @@ _REPEAT = re.compile(r"^(?P<item>[^*]+)\*(?P<count>\d+)$")
 def expand_widths_spec(
     spec: str | Sequence[int | str], *, max_entries: int = MAX_LAYERS
 ) -> list[str]:
-    """Split `"S,M,L*2"` (or a list) into one stripped entry per layer, repeats expanded.
+    """Split `"S,M,L*2"` or `"S M L*2"` (or a list) into one entry per layer, repeats expanded.
 
     At most `max_entries` entries (pass the number of layers): a repeat count is checked
     before it is expanded, so `S*99999999999` is an error, not a memory exhaustion.
     """
     if isinstance(spec, str):
-        raw_items = [item.strip() for item in spec.split(",")]
+        # Commas or spaces separate entries, so the displayed form `S S M L` reads back.
+        raw_items = []
+        for part in spec.split(","):
+            raw_items.extend(part.split() or [""])
     else:
         raw_items = [str(item).strip() for item in spec]
     items: list[str] = []

@@ -19,6 +19,8 @@ G3 = ModelConfig(d_model=32, n_layers=3, n_heads=2, d_ff=48, granularities=(12, 
         ("S,M,L,XL", G4, [8, 16, 32, 64]),
         ("s, m ,l,xl", G4, [8, 16, 32, 64]),
         ("XL*4", G4, [64, 64, 64, 64]),
+        ("S M 40 0", G4, [8, 16, 40, 0]),  # the displayed form reads back
+        ("S M, L*2", G4, [8, 16, 32, 32]),
         ("S*2,L*2", G4, [8, 8, 32, 32]),
         ("0,S,40,XL", G4, [0, 8, 40, 64]),
         ("g0,g1,g2,g3", G4, [8, 16, 32, 64]),
@@ -51,3 +53,4 @@ def test_parse_widths_errors_name_the_problem(spec: str, config: ModelConfig, me
 
 def test_format_widths_uses_names_where_it_can() -> None:
     assert format_widths([8, 16, 40, 0], G4) == "S M 40 0"
+    assert parse_widths(format_widths([8, 16, 40, 0], G4), G4) == [8, 16, 40, 0]
