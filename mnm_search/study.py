@@ -879,6 +879,12 @@ def run_search(
             "fingerprint": family.fingerprint,
             "checkpoint": str(family.path.resolve()) if family.path else None,
             "family": family.name,
+            # Display names of uniform widths ("S", "M"...), so `mnm pareto` needs no model.
+            "width_names": {
+                str(widths[0]): name
+                for name, widths in family.uniform_configs().items()
+                if len(set(widths)) == 1
+            },
             "space": space.to_dict(),
             "space_size": space.size,
             "eval_tokens": eval_set.n_tokens,

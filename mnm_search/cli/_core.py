@@ -285,11 +285,11 @@ def eval_command(
         "fingerprint": family.fingerprint,
         "eval_seconds": round(seconds, 3),
     }
-    # Optional facts some families have: parameters that must sit in accelerator memory
-    # (Gemma 3n's per-layer embeddings can stay on the CPU), and the tokenizer used.
-    effective = getattr(family, "effective_param_count", None)
-    if callable(effective):
-        result["effective_params"] = int(effective(resolved))
+    # Facts some families add: parameters that must sit in accelerator memory where that
+    # differs from all of them, and the tokenizer used.
+    effective = family.effective_param_count(resolved)
+    if effective != result["params"]:
+        result["effective_params"] = effective
     tokenizer = family.describe().get("tokenizer")
     if tokenizer is not None:
         result["tokenizer"] = tokenizer

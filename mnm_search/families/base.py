@@ -338,6 +338,11 @@ class Family(ABC):
     def param_count(self, widths: Sequence[int] | None = None) -> int:
         """Exact parameters of the sliced model at `widths` (None: the full model)."""
 
+    def effective_param_count(self, widths: Sequence[int] | None = None) -> int:
+        """Parameters that must sit in accelerator memory (Gemma 3n keeps its per-layer
+        embeddings on the CPU); every parameter for most families."""
+        return self.param_count(widths)
+
     @abstractmethod
     def memory_bytes(self, widths: Sequence[int], target: HardwareTarget) -> MemoryEstimate:
         """Bytes the configuration needs on `target`: weights, KV cache, peak activations."""
