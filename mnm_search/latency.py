@@ -202,7 +202,7 @@ class LatencyModel:
 
     @classmethod
     def from_profile(cls, profile: dict[str, Any]) -> LatencyModel:
-        """Build from a profile dict (as `profile_checkpoint` returns or the JSON holds)."""
+        """Build from a profile dict (as `profiler.profile` returns or the JSON holds)."""
         if not isinstance(profile, dict):
             raise ProfileError("a latency profile must be a JSON object")
         if profile.get("format") != PROFILE_FORMAT:

@@ -116,15 +116,6 @@ register_family(
     ),
 )
 
-# -- transitional names, removed with cli/_gemma3n.py (issue 12) -------------------------
-NATIVE = "matlm"
-GEMMA3N = "gemma3n"
-
-
-def load_gemma3n(path: str | Path, **options: Any) -> Family:
-    return registered_families()[GEMMA3N].load(Path(path), **options)
-
-
 __all__ = [
     "FamilyEntry",
     "detect_family",

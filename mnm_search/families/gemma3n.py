@@ -178,6 +178,7 @@ class Gemma3nFamily(Family):
 
     name = "gemma3n"
     summary = "Gemma 3n via transformers (config.json `model_type` 'gemma3n' or 'gemma3n_text')"
+    export_formats = ("hf",)
 
     def __init__(
         self,
@@ -417,6 +418,9 @@ class Gemma3nFamily(Family):
             "params": self.param_count(full),
             "effective_params": self.effective_param_count(full),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "tokenizer": "checkpoint"
+            if self._has_tokenizer_files()
+            else "bytes (no tokenizer files)",
         }
 
     def validate_widths(self, widths: Sequence[int]) -> list[int]:
@@ -709,14 +713,15 @@ class Gemma3nFamily(Family):
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
+    def _has_tokenizer_files(self) -> bool:
+        return self.path is not None and any((self.path / f).is_file() for f in TOKENIZER_FILES[:3])
+
     @property
     def tokenizer(self) -> Any:
         """The checkpoint's own tokenizer (local files only), or None: bytes are used then."""
         if not self._tokenizer_loaded:
             self._tokenizer_loaded = True
-            if self.path is not None and any(
-                (self.path / f).is_file() for f in TOKENIZER_FILES[:3]
-            ):
+            if self._has_tokenizer_files():
                 from transformers import AutoTokenizer
 
                 try:
