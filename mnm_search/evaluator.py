@@ -92,6 +92,7 @@ class CacheStats:
 
 
 _States = list[Any]  # one family state per eval batch
+_HEAD_CHUNK_BYTES = 64 * 2**20  # float logits computed at once
 
 
 def state_bytes(state: Any) -> int:
@@ -173,7 +174,8 @@ class CachedEvaluator:
         self._cached_bytes = 0
         self._embedded: _States | None = None
         self._sibling_layers: set[int] | None = None
-        self._reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._reference: list[torch.Tensor] | None = None
+        self._head_rows: int | None = None  # tokens per head call, from the vocabulary size
 
     # -- public -----------------------------------------------------------------------------
 
@@ -183,25 +185,35 @@ class CachedEvaluator:
         widths = self.family.validate_widths(list(widths))
         self.stats.evaluations += 1
         states = self._states(tuple(widths))
-        total = 0.0
-        kl_total = 0.0
+        references = self._reference_hidden() if self.agreement else None
+        total = kl_total = 0.0
         agree_total = 0
-        reference = self._reference_outputs() if self.agreement else None
         for index, state in enumerate(states):
-            logits = self.steps.logits(state)  # [B, T, vocab]
-            targets = self.eval_set.targets[self._batch_slice(index)].to(logits.device)
-            total += F.cross_entropy(
-                logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"
-            ).item()
-            if reference is not None:
-                ref_log_probs, ref_top1 = reference[index]
-                log_probs = F.log_softmax(logits.float(), dim=-1)
+            hidden = self.steps.hidden(state).flatten(0, 1)  # [B * T, D]
+            targets = self.eval_set.targets[self._batch_slice(index)].flatten()  # [B * T]
+            targets = targets.to(hidden.device)
+            reference = references[index] if references is not None else None
+            # The head a few thousand tokens at a time: a 262k vocabulary's logits for a
+            # whole batch would take gigabytes.
+            if self._head_rows is None:  # one token's logits tell the vocabulary size
+                vocab = self.steps.head(hidden[:1]).shape[-1]
+                self._head_rows = max(1, _HEAD_CHUNK_BYTES // (4 * vocab))
+            for start in range(0, hidden.shape[0], self._head_rows):
+                rows = slice(start, start + self._head_rows)
+                logits = self.steps.head(hidden[rows])  # [rows, vocab], float
+                total += F.cross_entropy(logits, targets[rows], reduction="sum").item()
+                if reference is None:
+                    continue
+                full = self.steps.head(reference[rows])  # the full model's logits
                 kl_total += F.kl_div(
-                    log_probs, ref_log_probs, log_target=True, reduction="sum"
+                    F.log_softmax(logits, dim=-1),
+                    F.log_softmax(full, dim=-1),
+                    log_target=True,
+                    reduction="sum",
                 ).item()
-                agree_total += int((logits.argmax(dim=-1) == ref_top1).sum())
+                agree_total += int((logits.argmax(dim=-1) == full.argmax(dim=-1)).sum())
         n = self.eval_set.n_tokens
-        if reference is None:
+        if references is None:
             return Quality(loss=total / n)
         return Quality(loss=total / n, kl=kl_total / n, agreement=agree_total / n)
 
@@ -242,13 +254,12 @@ class CachedEvaluator:
             self._sibling_layers = chosen
         return layer in self._sibling_layers
 
-    def _reference_outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _reference_hidden(self) -> list[torch.Tensor]:
+        """The full model's head inputs per batch ([B * T, D]): its logits are recomputed
+        chunk by chunk, so agreement costs no full-vocabulary memory."""
         if self._reference is None:
             full = tuple(self.family.full_widths())
-            self._reference = []
-            for state in self._states(full):
-                logits = self.steps.logits(state).float()
-                self._reference.append((F.log_softmax(logits, dim=-1), logits.argmax(dim=-1)))
+            self._reference = [self.steps.hidden(s).flatten(0, 1) for s in self._states(full)]
         return self._reference
 
     def _states(self, widths: tuple[int, ...]) -> _States:

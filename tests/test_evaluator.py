@@ -181,3 +181,23 @@ def test_perplexity_never_overflows(loss: float, expected: float) -> None:
 
 def test_perplexity_of_nan_is_nan() -> None:
     assert math.isnan(perplexity(math.nan))
+
+
+def test_head_in_chunks_gives_the_same_numbers(
+    trained_like_model: MatLM, eval_set: EvalSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large vocabulary's head runs a few tokens at a time; the numbers must not change."""
+    import mnm_search.evaluator as evaluator_module
+
+    family = MatLMFamily.from_model(trained_like_model)
+    widths = [trained_like_model.config.granularities[0]] * trained_like_model.config.n_layers
+    whole = CachedEvaluator(family, eval_set, agreement=True).evaluate(widths)
+    vocab = trained_like_model.config.vocab_size
+    monkeypatch.setattr(evaluator_module, "_HEAD_CHUNK_BYTES", 4 * vocab * 7)  # 7 tokens a call
+    chunked_evaluator = CachedEvaluator(family, eval_set, agreement=True)
+    chunked = chunked_evaluator.evaluate(widths)
+    assert chunked_evaluator._head_rows == 7
+    assert chunked.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert chunked.kl == pytest.approx(whole.kl, rel=1e-5, abs=1e-9)
+    assert chunked.agreement == whole.agreement
+    assert 0 < whole.agreement < 1 and whole.kl > 0

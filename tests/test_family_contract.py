@@ -125,8 +125,11 @@ class ToySteps(LayerSteps):
                 outputs[width], start = state + running, width
         return outputs
 
-    def logits(self, state: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model.norm(state)).float()
+    def hidden(self, state: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(state)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.head(hidden).float()
 
 
 class ToyDecoder(Decoder):

@@ -88,8 +88,9 @@ class LayerSteps(ABC):
     The evaluator calls `embed` once per eval batch, then `layer` for each layer, keeping the
     returned states keyed by the widths prefix. `layer` returns one output state per requested
     width: a family computes siblings together where it can (nested FFN partial sums).
-    Every state is a tensor or a tuple/list/dict of tensors (the evaluator sizes it for its
-    memory budget); states must not be modified in place once returned.
+    Every state is a tensor or a tuple/list/dict of tensors, which the evaluator sizes for
+    its memory budget; a non-tensor leaf (e.g. a per-batch context shared by all of a batch's
+    states) is allowed and is not counted. States must not be modified in place once returned.
     """
 
     n_layers: int
@@ -103,8 +104,17 @@ class LayerSteps(ABC):
         """The state after layer `index` at each of `widths` (0 = the layer dropped)."""
 
     @abstractmethod
+    def hidden(self, state: State) -> torch.Tensor:
+        """The LM head's input [B, T, D] from the state after the last layer."""
+
+    @abstractmethod
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float logits [..., vocab] of head inputs [..., D]. Separate from `hidden` so the
+        evaluator can run a large vocabulary's head a few tokens at a time."""
+
     def logits(self, state: State) -> torch.Tensor:
         """Float logits [B, T, vocab] from the state after the last layer."""
+        return self.head(self.hidden(state))
 
 
 # -------------------------------------------------------------------- latency probe

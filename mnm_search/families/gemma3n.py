@@ -1147,7 +1147,7 @@ class Gemma3nSteps(LayerSteps):
         return outputs
 
     @torch.inference_mode()
-    def logits(self, state: dict[str, Any]) -> torch.Tensor:
+    def hidden(self, state: dict[str, Any]) -> torch.Tensor:
         text, hidden = self.text, state["streams"]
         dtype = text.embed_tokens.weight.dtype
         # AltUp unembedding, final norm, LM head and soft-capping, as the plain forward.
@@ -1157,12 +1157,10 @@ class Gemma3nSteps(LayerSteps):
             stream = projection(hidden[i]).to(dtype=dtype, device=target.device)
             magnitude = torch.sqrt(torch.mean(stream**2, dim=-1, keepdim=True).clamp(min=1e-5))
             streams.append(stream * target / magnitude)
-        out = text.norm(torch.mean(torch.stack(streams), dim=0))
-        logits = self.model.lm_head(out)
-        cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits.float()
+        return text.norm(torch.mean(torch.stack(streams), dim=0))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _soft_capped_logits(self.model, hidden)
 
     def _layer(self, index: int, width: int) -> nn.Module:
         """Decoder layer `index` with its MLP cut to `width` neurons (views, built once)."""
@@ -1188,7 +1186,7 @@ class Gemma3nSteps(LayerSteps):
 class _ReplaySteps(LayerSteps):
     """Exact but uncached steps for transformers without `shared_kv_states` (4.x, which
     shares KV through the cache object): the state records the widths, `logits` runs the
-    plain forward of the configuration."""
+    plain forward of the configuration up to the LM head."""
 
     def __init__(self, family: Gemma3nFamily) -> None:
         self.family = family
@@ -1203,9 +1201,23 @@ class _ReplaySteps(LayerSteps):
             for w in set(widths)
         }
 
-    def logits(self, state: dict[str, Any]) -> torch.Tensor:
+    def hidden(self, state: dict[str, Any]) -> torch.Tensor:
         widths = [int(w) for w in state["widths"]]
-        return self.family.logits(state["ids"], widths).float()
+        model = self.family.view_model(widths)
+        ids = state["ids"].to(model.lm_head.weight.device)
+        return model.model(input_ids=ids, use_cache=_USE_CACHE).last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _soft_capped_logits(self.family.model, hidden)
+
+
+def _soft_capped_logits(model: Gemma3nForCausalLM, hidden: torch.Tensor) -> torch.Tensor:
+    """Float logits of final hidden states, soft-capped as Gemma3nForCausalLM.forward does."""
+    logits = model.lm_head(hidden)
+    cap = model.config.final_logit_softcapping
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
 
 
 class Gemma3nDecoder(Decoder):

@@ -253,8 +253,11 @@ class MatLMSteps(LayerSteps):
             start = width
         return outputs
 
-    def logits(self, state: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.norm(state)).float()
+    def hidden(self, state: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(state)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
 
 
 class MatLMDecoder(Decoder):
