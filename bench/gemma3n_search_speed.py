@@ -40,38 +40,7 @@ from mnm_search.families.gemma3n import Gemma3nFamily
 from mnm_search.space import SearchSpace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:
-    from gemma3n_profile import medium_family
-except ImportError:  # gemma3n_profile.py imports profiler internals that may be mid-rewrite
-    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
-
-    SLIDING, FULL = "sliding_attention", "full_attention"
-
-    def medium_family(seed: int = 0) -> Gemma3nFamily:
-        """The same model as `bench/gemma3n_profile.py`'s `medium_family`."""
-        config = Gemma3nTextConfig(
-            vocab_size=4096,
-            vocab_size_per_layer_input=4096,
-            hidden_size=512,
-            intermediate_size=[4096] * 8,
-            num_hidden_layers=8,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=128,
-            layer_types=[SLIDING, FULL] * 4,
-            num_kv_shared_layers=2,
-            activation_sparsity_pattern=[0.95, 0.95] + [0.0] * 6,
-            hidden_size_per_layer_input=64,
-            laurel_rank=64,
-            sliding_window=64,
-            max_position_embeddings=512,
-        )
-        torch.manual_seed(seed)
-        model = Gemma3nForCausalLM(config).eval()
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.normal_(0.0, 0.02)
-        return Gemma3nFamily(model=model)
+from gemma3n_profile import medium_family
 
 
 def sampler_sequence(
