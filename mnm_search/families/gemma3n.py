@@ -1033,6 +1033,8 @@ class Gemma3nFamily(Family):
         device, dtype = select_device(target.device), TORCH_DTYPES[target.dtype]
         weights = self.model.model.embed_tokens.weight
         if weights.device != device or weights.dtype != dtype:
+            if device.type == "cpu" and self.path is not None:
+                _check_fits(self.config, dtype, self.path)  # e.g. bfloat16 -> float32 doubles
             self.model.to(device=device, dtype=dtype)  # parameters converted one at a time
             self._tensors = {  # moved buffers are new tensors: re-read every name
                 **dict(self.model.named_parameters(remove_duplicate=False)),
