@@ -286,7 +286,7 @@ class _Exporter:
         if self.latency_model is not None:
             predicted = self.latency_model.predict_ms(widths)
         quality, loss = self._quality(widths, compact, member)
-        latency, stats = self._latency(widths, compact, predicted)
+        latency = self._latency(widths, compact, predicted)
         params = family.param_count(widths)
         export_info: dict[str, Any] = {
             "format": self.fmt,
@@ -310,7 +310,6 @@ class _Exporter:
         facts = family.write_export(directory, widths, fmt=self.fmt, metadata=metadata)
         metadata_file = facts.get("metadata_file", DEFAULT_METADATA_FILE)
         files = [str(f) for f in facts.get("files", [metadata_file])]
-        member_stats, full_stats = stats if stats is not None else (None, None)
         report = ExportReport(
             path=directory,
             family=family.name,
@@ -323,11 +322,12 @@ class _Exporter:
             logits_max_abs_diff=float(facts["verified_max_abs_diff"]),
             onnx_max_abs_diff=facts.get("onnx_max_abs_diff"),
             predicted_ms=predicted,
-            measured_ms=member_stats.median_ms if member_stats is not None else None,
-            measured_p10_ms=member_stats.p10_ms if member_stats is not None else None,
-            measured_p90_ms=member_stats.p90_ms if member_stats is not None else None,
-            full_model_ms=full_stats.median_ms if full_stats is not None else None,
-            latency_not_measured=(latency or {}).get("not_measured"),
+            # The numbers mnm.json records (rounded), so the card and the file agree.
+            measured_ms=latency.get("measured_ms"),
+            measured_p10_ms=latency.get("measured_p10_ms"),
+            measured_p90_ms=latency.get("measured_p90_ms"),
+            full_model_ms=latency.get("full_model_measured_ms"),
+            latency_not_measured=latency.get("not_measured"),
             target=self.target.describe() if self.target is not None else None,
             trial=member.trial,
             source_fingerprint=family.fingerprint,
@@ -361,16 +361,14 @@ class _Exporter:
             )
         return quality, loss
 
-    def _latency(
-        self, widths: list[int], compact: str, predicted: float | None
-    ) -> tuple[dict[str, Any], tuple[TimingStats, TimingStats] | None]:
+    def _latency(self, widths: list[int], compact: str, predicted: float | None) -> dict[str, Any]:
         target = self.target
         latency: dict[str, Any] = {
             "target": target.to_dict() if target is not None else None,
             "predicted_ms": _round(predicted),
         }
         if target is None:
-            return latency, None
+            return latency
         full = self.family.full_widths()
         configs = [widths] if list(widths) == list(full) else [widths, full]
         label = f"timing {compact} and the full model on {target.name}"
@@ -387,7 +385,7 @@ class _Exporter:
         except (ConfigError, DeviceError) as exc:  # e.g. a CUDA target on a CPU-only machine
             self.on_progress(f"latency not measured: {exc}")
             latency.update(measured_ms=None, not_measured=str(exc))
-            return latency, None
+            return latency
         member, whole = stats[0], stats[-1]
         latency.update(
             measured_ms=_round(member.median_ms),
@@ -402,7 +400,7 @@ class _Exporter:
             speedup_vs_full=_round(whole.median_ms / member.median_ms, 3),
             repeats=member.n,
         )
-        return latency, (member, whole)
+        return latency
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:

@@ -318,6 +318,7 @@ def test_export_measures_latency_on_a_target_the_model_runs_as_is(
     latency = json.loads(Path("x/mnm.json").read_text())["latency"]
     card = Path("x/README.md").read_text()
     assert "| validation loss |" in card and "tokens of bundled validation text" in card
+    assert card.count("# Gemma 3n Mix'n'Match submodel") == 1 and "| layers kept | 6 of 6" in card
     if target == "bf16.yaml":
         # The model is never converted to be timed: the reason names its own dtype.
         assert latency["measured_ms"] is None and "float32" in latency["not_measured"]

@@ -820,8 +820,9 @@ class Gemma3nFamily(Family):
         """Write the configuration as a Hugging Face checkpoint that transformers loads.
 
         `out` gets sharded safetensors (+ index when more than one shard), `config.json` with
-        per-layer `intermediate_size`, the source tokenizer files, a model card `README.md` and
-        `mnm.json` (widths, source fingerprint, verification). Written atomically; with
+        per-layer `intermediate_size`, the source tokenizer files and `mnm.json` (widths,
+        source fingerprint, verification); the model card is `mnm_search.export`'s, written
+        for every family around `write_export`. Written atomically; with
         `verify`, the directory is reloaded with `from_pretrained` and its logits compared
         with the in-place sliced model (an `ExportError` leaves `out` untouched). A family
         from `load` frees its weights during that reload and reads them back from its
@@ -866,7 +867,6 @@ class Gemma3nFamily(Family):
             # both record it as null, "not measured".
             info = finite(info)
             (tmp / EXPORT_INFO_FILE).write_text(json_text(info) + "\n", encoding="utf-8")
-            (tmp / "README.md").write_text(_model_card(info), encoding="utf-8")
         return out
 
     @contextlib.contextmanager
@@ -1650,84 +1650,3 @@ def _files_fingerprint(path: Path, shards: list[Path]) -> str:
                 handle.seek(size * k // 16)
                 digest.update(handle.read(4096))
     return digest.hexdigest()[:16]
-
-
-def _card_measurements(info: dict[str, Any]) -> list[str]:
-    """Model-card lines for the measurements in `info`. Any number may be null (strict JSON
-    records NaN and overflow as null) or missing: its line or clause says so, or is left out."""
-    lines = []
-    quality = info.get("quality") or {}
-    if quality.get("loss") is not None:
-        line = f"Loss {quality['loss']:.4f}"
-        if quality.get("perplexity") is not None:
-            line += f" (perplexity {quality['perplexity']:.2f})"
-        if quality.get("eval_tokens") is not None:
-            line += f" on {quality['eval_tokens']:,} tokens"
-        if quality.get("data"):
-            line += f" of {quality['data']}"
-        lines.append(line)
-    elif quality or info.get("quality_not_measured"):
-        lines.append(f"Loss not measured{_reason(info.get('quality_not_measured'))}")
-    latency = info.get("latency") or {}
-    target = (latency.get("target") or {}).get("name") or "the target"
-    if latency.get("measured_ms") is not None:
-        line = f"Latency on {target}: {latency['measured_ms']:.3f} ms (median)"
-        if latency.get("speedup_vs_full") is not None:
-            line += (
-                f", {latency['speedup_vs_full']:.2f}x faster than the full model timed alongside"
-            )
-        lines.append(line)
-    elif "measured_ms" in latency or latency.get("not_measured"):
-        lines.append(f"Latency not measured{_reason(latency.get('not_measured'))}")
-    if latency.get("predicted_ms") is not None:
-        lines.append(f"Predicted latency on {target}: {latency['predicted_ms']:.3f} ms")
-    return lines
-
-
-def _reason(text: Any) -> str:
-    return f": {text}" if text else ""
-
-
-def _model_card(info: dict[str, Any]) -> str:
-    source = info.get("source_path") or "an in-memory Gemma 3n model"
-    widths = info["widths"]
-    skipped = info["skipped_layers"]
-    check = info["verification"]
-    verified = (
-        f"Verified: reloaded with `from_pretrained` (transformers {check['transformers']}), "
-        f"logits match the in-place sliced source model to {check['max_abs_logit_diff']:.2e} "
-        f"(max abs, {check['probe_tokens']} probe tokens)."
-        if check.get("verified")
-        else "Not verified after export."
-    )
-    measured = "".join(f"- {line}\n" for line in _card_measurements(info))
-    return f"""---
-library_name: transformers
-pipeline_tag: text-generation
-tags:
-- gemma3n
-- matformer
-- mix-n-match
-- mnm
----
-
-# Gemma 3n Mix'n'Match submodel
-
-> This is a submodel sliced from `{source}` (fingerprint `{info["source_fingerprint"]}`) by
-> `mnm` (Mix'n'Match search) without retraining. Gemma 3n is a MatFormer: the first neurons
-> of each FFN form a working smaller FFN, so a slice keeps those neurons and drops whole layers.
-> It is not the original model; its use is subject to the original model's license (Gemma terms).
-
-- Layers kept: {len(widths) - len(skipped)} of {len(widths)}; skipped layers: {skipped or "none"}
-- FFN hidden dims per kept layer (`intermediate_size`): {info["intermediate_size"]}
-- Parameters (text model): {info["params"]:,}; effective (without embedding tables):
-  {info["effective_params"]:,}
-- Widths per source layer (0 = layer skipped): {",".join(str(w) for w in widths)}
-{measured}
-{verified}
-
-```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
-```
-"""
