@@ -6,9 +6,12 @@ evaluated, with two exact tricks:
 
 - prefix reuse: the hidden states after layer `i` depend only on the widths of layers `0..i`,
   so they are kept in a bounded LRU cache keyed by that widths prefix;
-- nested partial sums: for one layer input, the widest FFN needed is run once; since the down
-  projection is a sum over hidden neurons, every narrower nested width is a partial sum of the
-  per-chunk contributions, so all sibling widths of a layer come almost for free.
+- nested partial sums (families whose `LayerSteps.cheap_siblings` says so, e.g. MatLM): for
+  one layer input, the widest FFN needed is run once; since the down projection is a sum over
+  hidden neurons, every narrower nested width is a partial sum of the per-chunk
+  contributions, so all sibling widths of a layer come almost for free. Where siblings cost a
+  full layer each (Gemma 3n's activation sparsity breaks the partial sums), only the width
+  asked for is computed.
 
 Optionally it also reports label-free agreement with the full model: KL(full || config) and
 top-1 agreement (the paper's "consistency").
@@ -242,7 +245,7 @@ class CachedEvaluator:
 
     def _siblings_at(self, layer: int) -> bool:
         """Whether siblings of `layer` are worth computing (they can be kept for later)."""
-        if not self.cache_bytes:
+        if not self.cache_bytes or not self.steps.cheap_siblings:
             return False
         if self._sibling_layers is None:
             one_state = state_bytes(self._embeddings())

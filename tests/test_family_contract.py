@@ -105,6 +105,8 @@ class ToyLM(nn.Module):
 class ToySteps(LayerSteps):
     """The toy forward cut at layer boundaries; the state is the residual stream [B, T, D]."""
 
+    cheap_siblings = True  # nested partial sums, as MatLM
+
     def __init__(self, model: ToyLM) -> None:
         self.model, self.n_layers = model, len(model.widths)
 

@@ -94,6 +94,9 @@ class LayerSteps(ABC):
     """
 
     n_layers: int
+    # Whether `layer` computes several widths for little more than the widest (nested FFN
+    # partial sums): the evaluator then precomputes every sibling width worth keeping.
+    cheap_siblings: ClassVar[bool] = False
 
     @abstractmethod
     def embed(self, input_ids: torch.Tensor) -> State:

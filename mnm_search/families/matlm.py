@@ -222,6 +222,8 @@ class MatLMSteps(LayerSteps):
     over hidden neurons, so every narrower nested width is a partial sum of it.
     """
 
+    cheap_siblings = True
+
     def __init__(self, model: MatLM) -> None:
         if not model.config.is_universal:
             raise ConfigError("prefix caching needs a universal model (every layer at d_ff)")
