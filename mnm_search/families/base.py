@@ -253,11 +253,6 @@ class Family(ABC):
         width step of families whose widths are multiples of one (a ConfigError otherwise).
         """
 
-    @classmethod
-    def default_path(cls) -> Path | None:
-        """A checkpoint used when the user names none (only the native family has one)."""
-        return None
-
     # -- facts ------------------------------------------------------------------------
 
     @property

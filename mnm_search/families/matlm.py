@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnm_search.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
+from mnm_search.checkpoint import Checkpoint, load_checkpoint
 from mnm_search.config import (
     ModelConfig,
     format_widths,
@@ -89,10 +89,6 @@ class MatLMFamily(Family):
         return cls(
             Checkpoint(model=model, config=model.config, fingerprint=fingerprint(model), path=path)
         )
-
-    @classmethod
-    def default_path(cls) -> Path:
-        return default_checkpoint_path()
 
     # -- facts ------------------------------------------------------------------------
 
