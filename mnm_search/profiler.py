@@ -212,6 +212,50 @@ class _Stage:
             self.on_progress({"stage": self.stage, "done": done, "total": self.total})
 
 
+# Share of skippable layers dropped in sampled configurations: enough for the calibration to
+# see dropped layers, few enough that most samples stay close to a real sub-model.
+SKIP_PROBABILITY = 0.1
+
+
+def spread_configs(
+    widths: Sequence[int],
+    layer_caps: Sequence[int],
+    n: int,
+    rng: random.Random,
+    *,
+    skippable: Sequence[int] = (),
+    skip_probability: float = SKIP_PROBABILITY,
+    exclude: Sequence[Sequence[int]] = (),
+) -> list[list[int]]:
+    """Up to `n` distinct configurations spread from small to large, for calibration and
+    validation of any family.
+
+    Each draws a size level among `widths`, then every layer a width near it (capped at that
+    layer's `layer_caps` entry), so totals cover the whole range instead of clustering in the
+    middle as independent uniform choices would. Layers in `skippable` are dropped (0) with
+    `skip_probability`; a configuration keeps at least one layer.
+    """
+    choices = sorted(widths)
+    skip = set(skippable)
+    seen = {tuple(w) for w in exclude}
+    configs: list[list[int]] = []
+    for _ in range(200 * n):
+        if len(configs) == n:
+            break
+        level = rng.uniform(0, len(choices) - 1)
+        candidate = []
+        for layer, cap in enumerate(layer_caps):
+            if layer in skip and rng.random() < skip_probability:
+                candidate.append(0)
+                continue
+            index = min(len(choices) - 1, max(0, round(rng.gauss(level, 0.8))))
+            candidate.append(min(choices[index], cap))
+        if any(candidate) and tuple(candidate) not in seen:
+            seen.add(tuple(candidate))
+            configs.append(candidate)
+    return configs
+
+
 def nondecreasing(values: Sequence[float]) -> list[float]:
     """The closest non-decreasing sequence in least squares (pool adjacent violators)."""
     blocks: list[list[float]] = []  # [sum, count] of runs pooled to their mean

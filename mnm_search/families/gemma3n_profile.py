@@ -43,12 +43,9 @@ from torch import nn
 from mnm_search.errors import ConfigError, ProfileError
 from mnm_search.families.base import LatencyProbe, LayerTable, Widths
 from mnm_search.families.gemma3n import _USE_CACHE, Gemma3nFamily
-from mnm_search.profiler import TORCH_DTYPES, Clock, TimingStats
+from mnm_search.profiler import TORCH_DTYPES, Clock, TimingStats, spread_configs
 from mnm_search.targets import HardwareTarget
 
-# Share of skippable layers dropped in sampled configurations: enough for the calibration to
-# see dropped layers, few enough that most samples stay close to a real sub-model.
-SKIP_PROBABILITY = 0.1
 TABLE_MEANING = "whole decoder layer time at that FFN width; 0 = layer dropped"
 Runner = Callable[[], object]
 
@@ -176,31 +173,17 @@ def sample_gemma3n_configs(
 ) -> list[list[int]]:
     """Up to `n` distinct valid configurations spread from small to large.
 
-    As the native `sample_configs`: each draws a size level, then every layer a width near it,
-    so totals cover the whole range instead of clustering in the middle. Widths are capped at
-    each layer's stored width; with `allow_skip`, skippable layers are dropped (0) with
-    probability `SKIP_PROBABILITY`.
+    `profiler.spread_configs` over the step multiples, capped at each layer's stored width;
+    with `allow_skip`, skippable layers (never KV producers) may be dropped.
     """
-    choices = table_widths(family)
-    skippable = set(family.skippable_layers) if allow_skip else set()
-    seen = {tuple(w) for w in exclude}
-    configs: list[list[int]] = []
-    for _ in range(200 * n):
-        if len(configs) == n:
-            break
-        level = rng.uniform(0, len(choices) - 1)
-        candidate = []
-        for layer, stored in enumerate(family.stored_widths):
-            if layer in skippable and rng.random() < SKIP_PROBABILITY:
-                candidate.append(0)
-                continue
-            index = min(len(choices) - 1, max(0, round(rng.gauss(level, 0.8))))
-            candidate.append(min(choices[index], stored))
-        # Without KV sharing every layer is skippable, and a model needs at least one layer.
-        if any(candidate) and tuple(candidate) not in seen:
-            seen.add(tuple(candidate))
-            configs.append(candidate)
-    return configs
+    return spread_configs(
+        table_widths(family),
+        family.stored_widths,
+        n,
+        rng,
+        skippable=family.skippable_layers if allow_skip else (),
+        exclude=exclude,
+    )
 
 
 # ---------------------------------------------------------------------------- the target

@@ -37,7 +37,7 @@ from mnm_search.families.base import (
 )
 from mnm_search.memory import MemoryEstimate, memory_bytes
 from mnm_search.model import KVCache, MatLM
-from mnm_search.profiler import TORCH_DTYPES, select_device, time_interleaved
+from mnm_search.profiler import TORCH_DTYPES, select_device, spread_configs, time_interleaved
 from mnm_search.slicing import slice_model
 from mnm_search.space import SearchSpace
 from mnm_search.targets import HardwareTarget
@@ -518,7 +518,6 @@ def verify_onnx(path: Path, model: MatLM) -> float:
 # attention of every layer, head) and every layer's FFN at every table width in isolation, and
 # whole configurations as physically sliced models (what export ships).
 
-SKIP_PROBABILITY = 0.1  # share of FFNs dropped in sampled configurations (with allow_skip)
 TABLE_MEANING = "FFN time at that width, isolated"
 
 
@@ -611,7 +610,7 @@ class MatLMProbe(LatencyProbe):
             n,
             rng,
             widths=self._widths,
-            skip_probability=SKIP_PROBABILITY if allow_skip else 0.0,
+            allow_skip=allow_skip,
             exclude=exclude,
         )
 
@@ -726,28 +725,16 @@ def sample_configs(
     rng: random.Random,
     *,
     widths: Sequence[int] | None = None,
-    skip_probability: float = SKIP_PROBABILITY,
+    allow_skip: bool = True,
     exclude: Sequence[Sequence[int]] = (),
 ) -> list[list[int]]:
-    """`n` distinct configurations spread from small to large (plus occasional skipped FFNs).
-
-    Each draws a size level, then every layer a width near it, so totals cover the whole
-    range instead of clustering in the middle as independent uniform choices would.
-    """
-    choices = sorted(widths or config.granularities)
-    seen = {tuple(w) for w in exclude}
-    configs: list[list[int]] = []
-    for _ in range(200 * n):
-        if len(configs) == n:
-            break
-        level = rng.uniform(0, len(choices) - 1)
-        candidate = [
-            0
-            if rng.random() < skip_probability
-            else choices[min(len(choices) - 1, max(0, round(rng.gauss(level, 0.8))))]
-            for _ in range(config.n_layers)
-        ]
-        if tuple(candidate) not in seen:
-            seen.add(tuple(candidate))
-            configs.append(candidate)
-    return configs
+    """`n` distinct configurations spread from small to large (`profiler.spread_configs`);
+    with `allow_skip`, any layer's FFN may be skipped."""
+    return spread_configs(
+        widths or config.granularities,
+        [config.d_ff] * config.n_layers,
+        n,
+        rng,
+        skippable=range(config.n_layers) if allow_skip else (),
+        exclude=exclude,
+    )
