@@ -17,6 +17,9 @@ from typing import Any
 from mnm_search.config import ModelConfig, Widths
 from mnm_search.errors import ConfigError, WidthsError
 
+# Depths per width pair at which the minimum-slope heuristic steps up (see min_slope_configs).
+MIN_SLOPE_SPLITS = 3
+
 
 def param_name(layer: int) -> str:
     return f"w{layer}"
@@ -134,17 +137,24 @@ class SearchSpace:
         }
         return {name: widths for name, widths in uniform.items() if self.contains(widths)}
 
-    def min_slope_configs(self) -> list[Widths]:
+    def min_slope_configs(self, *, max_splits: int = MIN_SLOPE_SPLITS) -> list[Widths]:
         """The paper's heuristic: widths that change slowly and never shrink with depth.
 
-        For each pair of neighbouring widths (a, b), the first k layers use a and the rest b
-        (k = 1..L-1): one step of the smallest possible size, at every depth. Only configs in
-        the space are returned; uniform configs are not repeated here.
+        For each pair of neighbouring widths (a, b), the first k layers use a and the rest b:
+        one step of the smallest possible size, at up to `max_splits` depths k spread evenly
+        over 1..L-1 (every depth in shallow models). Without that cap a deep model's seeds
+        would be the whole budget: SmolLM2's 30 layers and 8 widths give 203 of them, and a
+        100-trial search never reached its sampler. Only configs in the space are returned;
+        uniform configs are not repeated here.
         """
         widths = sorted({w for options in self.choices for w in options if w > 0})
+        depths = range(1, self.n_layers)
+        if len(depths) > max_splits:
+            step = self.n_layers / (max_splits + 1)
+            depths = sorted({round(step * (i + 1)) for i in range(max_splits)})
         configs: list[Widths] = []
         for low, high in itertools.pairwise(widths):
-            for k in range(1, self.n_layers):
+            for k in depths:
                 candidate = [low] * k + [high] * (self.n_layers - k)
                 if self.contains(candidate):
                     configs.append(candidate)

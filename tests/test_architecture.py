@@ -13,14 +13,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mnm_search"
 # What naming a concrete family looks like: importing its module, its classes or constants,
 # comparing a family name, or testing the native checkpoint type.
 CONCRETE = re.compile(
-    r"families\.(gemma3n|matlm|matformer_lab)\b"
+    r"families\.(gemma3n|matlm|matformer_lab|llama\w*)\b"
     r"|families import [^\n]*\b(GEMMA3N|NATIVE|load_gemma3n)\b"
     r"|\bGEMMA3N\b"
     r"|\bGemma3n[A-Z]\w*"
     r"|\bMatLMFamily\b"
+    r"|\bLlama(Family|LM|Spec|Steps|Probe|Decoder)\b"
     r"|isinstance\([^)]*Checkpoint\)"
     r"|\bfamily_of\("
-    r"|== *[\"'](gemma3n|matlm)[\"']"
+    r"|== *[\"'](gemma3n|matlm|llama)[\"']"
 )
 
 
@@ -50,6 +51,9 @@ def test_no_module_outside_families_names_a_concrete_family() -> None:
         "if isinstance(subject, Checkpoint):",
         'native = family.name == "matlm"',
         "from mnm_search.families import load_gemma3n",
+        "from mnm_search.families.llama import LlamaFamily",
+        "from mnm_search.families.llama_nest import matformerize",
+        'if family.name == "llama":',
     ],
 )
 def test_the_check_recognises_concrete_family_names(line: str) -> None:

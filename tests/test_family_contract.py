@@ -1,9 +1,10 @@
 """The model-family contract: every registered family passes the same checks.
 
-Three families run through one table of checks: a tiny native MatLM, a tiny random Gemma 3n
-(skipped where transformers lacks it) and a toy family defined only in this file. The toy
-registers itself with `register_family` and touches no other module: it is the proof that a
-new family needs nothing but a `Family` subclass and one registration.
+Four families run through one table of checks: a tiny native MatLM, a tiny random Gemma 3n
+(skipped where transformers lacks it), a tiny random dense Llama and a toy family defined
+only in this file. The toy registers itself with `register_family` and touches no other
+module: it is the proof that a new family needs nothing but a `Family` subclass and one
+registration.
 
 The checks: a sliced module computes the universal forward at its widths; cached evaluation
 equals plain evaluation; parameter counts are exact; an export reloads to the same forward;
@@ -447,7 +448,7 @@ def _is_toy(config: dict[str, Any]) -> bool:
     return config.get("model_type") == TOY_TYPE
 
 
-# ====================================================================== the three families
+# ============================================================= the built-in families
 
 
 def _save_matlm(path: Path) -> Path:
@@ -471,9 +472,18 @@ def _save_gemma3n(path: Path) -> Path:
     return save_tiny_checkpoint(path)
 
 
+def _save_llama(path: Path) -> Path:
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from llama_models import save_tiny_llama
+
+    return save_tiny_llama(path)  # vocab 300, with a tokenizer: the ids below are < 256
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "matlm": _save_matlm,
     "gemma3n": _save_gemma3n,
+    "llama": _save_llama,
     "toy": save_toy_checkpoint,
 }
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -669,7 +679,7 @@ def test_registry_detects_the_family(family: Family) -> None:
 def test_unknown_checkpoint_lists_every_registered_family(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "not-a-matformer"}))
     names = set(registered_families())
-    assert {"matlm", "gemma3n", "toy"} <= names
+    assert {"matlm", "gemma3n", "llama", "toy"} <= names
     for call in (detect_family, load_family):
         with pytest.raises(CheckpointError, match="unsupported model family") as error:
             call(tmp_path)

@@ -11,6 +11,7 @@ from mnm_search.errors import CheckpointError, ConfigError
 from mnm_search.families import base
 from mnm_search.families.base import (
     family_for_config,
+    family_for_file,
     register_family,
     registered_families,
     unregister_family,
@@ -22,7 +23,7 @@ def _never_loaded(path: Any, **options: Any) -> Any:
 
 
 def test_builtin_families_are_registered_first() -> None:
-    assert list(registered_families())[:2] == ["matlm", "gemma3n"]
+    assert list(registered_families())[:3] == ["matlm", "gemma3n", "llama"]
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,9 @@ def test_builtin_families_are_registered_first() -> None:
         ({"d_model": 8, "granularities": [4, 8]}, "matlm"),  # written before `format` existed
         ({"model_type": "gemma3n_text"}, "gemma3n"),
         ({"model_type": "gemma3n"}, "gemma3n"),
+        ({"model_type": "llama"}, "llama"),
+        ({"model_type": "qwen2"}, "llama"),
+        ({"model_type": "mistral"}, "llama"),
     ],
 )
 def test_detectors_read_only_config_json(config: dict[str, Any], family: str) -> None:
@@ -46,6 +50,21 @@ def test_a_later_registration_replaces_and_unregister_forgets() -> None:
     finally:
         unregister_family("probe")
     assert "probe" not in registered_families()
+
+
+def test_single_file_checkpoints_go_by_suffix(tmp_path: Any) -> None:
+    register_family(
+        "probe", summary="p", detect=lambda c: False, load=_never_loaded, suffixes=(".PRB",)
+    )
+    try:
+        assert family_for_file(tmp_path / "model.prb").name == "probe"
+        assert family_for_file(tmp_path / "model.gguf").name == "llama"
+        with pytest.raises(CheckpointError, match=r"a file; .* ending in \.gguf, \.prb"):
+            family_for_file(tmp_path / "model.bin")
+        with pytest.raises(ConfigError, match=r"suffixes must look like '\.gguf'"):
+            register_family("bad", summary="b", detect=bool, load=_never_loaded, suffixes=["gguf"])
+    finally:
+        unregister_family("probe")
 
 
 @pytest.mark.parametrize("name", ["", "   ", None])
@@ -84,8 +103,8 @@ def test_entry_point_families_are_imported_once(monkeypatch: pytest.MonkeyPatch)
 
 def test_unsupported_config_lists_every_family() -> None:
     with pytest.raises(CheckpointError, match="unsupported model family") as caught:
-        family_for_config({"model_type": "llama"}, where="x/config.json")
+        family_for_config({"model_type": "gpt2"}, where="x/config.json")
     message = str(caught.value)
-    assert message.startswith("x/config.json: unsupported model family (model_type 'llama')")
+    assert message.startswith("x/config.json: unsupported model family (model_type 'gpt2')")
     for name in registered_families():
         assert f"{name}: " in message

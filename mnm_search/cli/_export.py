@@ -238,8 +238,9 @@ def export(
         str | None,
         typer.Option(
             "--format",
-            help="One of the family's export formats (default: its first): safetensors or "
-            "onnx (native MatLM: onnx adds model.onnx), hf (Gemma 3n).",
+            help="One of the family's export formats (default: its first): safetensors; onnx "
+            "adds model.onnx (native MatLM, Llama-architecture); gguf adds model.gguf for "
+            "llama.cpp (Llama-architecture); hf (Gemma 3n).",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
@@ -264,7 +265,8 @@ def export(
 
     Every family writes its own format (see --format), verified against the in-place forward
     before anything is published: a native checkpoint as config.json + model.safetensors
-    (+ model.onnx), a Gemma 3n one as a transformers directory (--format hf).
+    (+ model.onnx), a Llama-architecture one as a transformers-style directory (+ model.onnx
+    or model.gguf), a Gemma 3n one as a transformers directory (--format hf).
 
     Example: mnm export --from results/default --max-latency-ms 5 --out my-model
     """

@@ -25,6 +25,7 @@ from mnm_search.cli._common import (
     err,
     loss_label,
     out,
+    print_error,
     print_json,
     progress_bar,
     user_errors,
@@ -249,6 +250,8 @@ def search(
         fidelity_tokens=fidelity_tokens,
     )
     family = load_family(ckpt, step=step)
+    if family.nesting_warning:
+        print_error(f"Warning: {family.nesting_warning}", warn=True)
     space = family.search_space(
         allow_skip=allow_skip,
         interpolate=interpolate,

@@ -6,6 +6,8 @@ package loads checkpoints with `load_family` and uses only the `Family` interfac
 (`mnm_search.families.base`). The built-in families:
 
 - `matlm`: the native MatFormer LM (`format: mnm-matlm`, written by `mnm train` / `mnm export`);
+- `llama`: dense Llama-architecture models (Llama, SmolLM, Mistral, Qwen2) from a transformers
+  directory or a GGUF file, nested by `mnm matformerize`;
 - `gemma3n`: Google's Gemma 3n through transformers (`model_type` `gemma3n_text` for
   `Gemma3nForCausalLM`, `gemma3n` for the text part of `Gemma3nForConditionalGeneration`);
   needs the optional extra `pip install "mnm-search[hf]"`.
@@ -21,6 +23,7 @@ from mnm_search.errors import CheckpointError
 from mnm_search.families.base import (
     FamilyEntry,
     family_for_config,
+    family_for_file,
     register_family,
     registered_families,
     unregister_family,
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 NATIVE_FORMAT = "mnm-matlm"  # same value as mnm_search.checkpoint.FORMAT (no torch import here)
 GEMMA3N_MODEL_TYPES = ("gemma3n", "gemma3n_text")
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")  # same values as families.llama.MODEL_TYPES
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
@@ -42,8 +46,7 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
 
 def detect_family(path: str | Path) -> str:
     """The registered family name of a checkpoint directory (raises for anything else)."""
-    path = Path(path)
-    return family_for_config(read_config_json(path), where=str(path / "config.json")).name
+    return _entry_for(Path(path)).name
 
 
 def load_family(
@@ -57,8 +60,13 @@ def load_family(
     if path is None:
         path = _default_path()
     path = Path(path)
-    entry = family_for_config(read_config_json(path), where=str(path / "config.json"))
-    return entry.load(path, weights=weights, dtype=dtype, step=step)
+    return _entry_for(path).load(path, weights=weights, dtype=dtype, step=step)
+
+
+def _entry_for(path: Path) -> FamilyEntry:
+    if path.is_file():
+        return family_for_file(path)
+    return family_for_config(read_config_json(path), where=str(path / "config.json"))
 
 
 def _default_path() -> Path:
@@ -92,6 +100,10 @@ def _is_gemma3n(config: dict[str, Any]) -> bool:
     return config.get("model_type") in GEMMA3N_MODEL_TYPES
 
 
+def _is_llama(config: dict[str, Any]) -> bool:
+    return config.get("model_type") in LLAMA_MODEL_TYPES
+
+
 register_family(
     "matlm",
     summary=f"native MatFormer LM (config.json `format: {NATIVE_FORMAT}`, from `mnm train`)",
@@ -114,6 +126,18 @@ register_family(
             'pip install "mnm-search[hf]"'
         ),
     ),
+)
+
+register_family(
+    "llama",
+    summary=(
+        "dense or matformerized Llama-architecture models (config.json `model_type` "
+        + " or ".join(repr(t) for t in LLAMA_MODEL_TYPES)
+        + ", or a llama-architecture .gguf file; `mnm matformerize` nests a dense one)"
+    ),
+    detect=_is_llama,
+    load=_lazy_loader("mnm_search.families.llama", "LlamaFamily"),
+    suffixes=(".gguf",),
 )
 
 __all__ = [

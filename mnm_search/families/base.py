@@ -406,6 +406,37 @@ class Family(ABC):
         them against the in-place forward, and return facts for the report
         (`{"verified_max_abs_diff": float, ...}`). `metadata` goes into the export's config."""
 
+    # -- nesting a dense checkpoint (`mnm matformerize`) ---------------------------------
+
+    # Importance criteria `matformerize` accepts, the default first; empty: the family's
+    # checkpoints are nested by training and cannot be matformerized.
+    nesting_criteria: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def nesting_warning(self) -> str | None:
+        """Why narrower widths of this checkpoint may be poor sub-models (a dense model whose
+        FFN neurons are not ordered by importance), for `search` to warn; None if nested."""
+        return None
+
+    def matformerize(
+        self,
+        out: Path,
+        *,
+        data: str | Path | None = None,
+        max_tokens: int | None = None,
+        criterion: str | None = None,
+        overwrite: bool = False,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Write a nested copy of this dense checkpoint to `out`: every FFN's neurons
+        reordered by importance on calibration text `data`, the full-width function
+        unchanged. Returns facts for the report; `on_progress(done, total)` after each batch
+        of calibration text."""
+        raise ConfigError(
+            f"{self.name} checkpoints are nested already ({self.summary}); matformerize turns "
+            f"a dense model into a nested one"
+        )
+
 
 # ------------------------------------------------------------------------- registry
 
@@ -423,6 +454,8 @@ class FamilyEntry:
     summary: str
     detect: Callable[[dict[str, Any]], bool]
     load: Callable[..., Family]
+    # File suffixes (".gguf") of single-file checkpoints this family loads, beside directories.
+    suffixes: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, FamilyEntry] = {}
@@ -436,16 +469,27 @@ def register_family(
     summary: str,
     detect: Callable[[dict[str, Any]], bool],
     load: Callable[..., Family],
+    suffixes: Sequence[str] = (),
 ) -> FamilyEntry:
     """Make a family known (a later registration under the same name replaces it).
 
-    `load(path, *, weights, dtype, step)` returns the loaded `Family`. Built-in families
-    register in `mnm_search.families`; add-ons call this from their own module, imported by
-    the user or named in the `mnm_search.families` entry-point group.
+    `load(path, *, weights, dtype, step)` returns the loaded `Family`; `path` is a directory
+    whose config.json `detect` accepted, or a file with one of `suffixes` (e.g. ".gguf").
+    Built-in families register in `mnm_search.families`; add-ons call this from their own
+    module, imported by the user or named in the `mnm_search.families` entry-point group.
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"a family needs a non-empty name, got {name!r}")
-    entry = FamilyEntry(name=name, summary=summary, detect=detect, load=load)
+    bad = [s for s in suffixes if not (isinstance(s, str) and s.startswith("."))]
+    if bad:
+        raise ConfigError(f"suffixes must look like '.gguf', got {bad!r}")
+    entry = FamilyEntry(
+        name=name,
+        summary=summary,
+        detect=detect,
+        load=load,
+        suffixes=tuple(s.lower() for s in suffixes),
+    )
     _REGISTRY[name] = entry
     return entry
 
@@ -477,6 +521,18 @@ def family_for_config(data: dict[str, Any], *, where: str = "config.json") -> Fa
         f"{where}: unsupported model family ({found}). mnm supports: {supported}. "
         f"Other transformers models are not MatFormers: their FFNs are not nested, so their "
         f"sub-models would not work without retraining"
+    )
+
+
+def family_for_file(path: Path) -> FamilyEntry:
+    """The family that loads a single-file checkpoint, by its suffix; a clear error otherwise."""
+    for entry in registered_families().values():
+        if path.suffix.lower() in entry.suffixes:
+            return entry
+    known = sorted({s for e in _REGISTRY.values() for s in e.suffixes})
+    raise CheckpointError(
+        f"{path} is a file; a checkpoint is a directory with config.json"
+        + (f", or a file ending in {', '.join(known)}" if known else "")
     )
 
 

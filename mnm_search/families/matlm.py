@@ -423,94 +423,25 @@ def _logits_difference(universal: MatLM, widths: list[int], exported: MatLM) -> 
     return float((exported(ids) - universal(ids, widths)).abs().max())
 
 
-class _QuietExporter:
-    """The ONNX exporter logs and warns on stdout/stderr; keep `--json` stdout clean."""
-
-    def __enter__(self) -> None:
-        import contextlib
-        import logging
-        import sys
-        import warnings
-
-        self._logger = logging.getLogger("torch.onnx")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.ERROR)
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(warnings.catch_warnings())
-        self._stack.enter_context(contextlib.redirect_stdout(sys.stderr))
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            self._stack.close()
-        finally:
-            self._logger.setLevel(self._level)
-
-
 def write_onnx(model: MatLM, path: Path) -> None:
     """`input_ids` int64 [batch, seq] -> `logits` float32 [batch, seq, vocab], dynamic axes."""
-    from mnm_search.errors import ExportError
+    from mnm_search.families import _onnx
 
-    config = model.config
-    example = torch.zeros((2, min(8, config.max_seq_len)), dtype=torch.long)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    seq = torch.export.Dim("seq", min=1, max=config.max_seq_len)
-    with _QuietExporter():
-        try:
-            program = torch.onnx.export(
-                model,
-                (example,),
-                input_names=["input_ids"],
-                output_names=["logits"],
-                dynamic_shapes={"input_ids": {0: batch, 1: seq}},
-                dynamo=True,
-                verbose=False,
-            )
-        except Exception as exc:  # the exporter raises many internal types
-            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
-        program.save(str(path))
+    _onnx.write_onnx(model, path, max_len=model.config.max_seq_len)
 
 
 def verify_onnx(path: Path, model: MatLM) -> float:
     """Max abs difference between onnxruntime and torch logits on two input shapes."""
-    import onnxruntime as ort  # optional dependency, needed only here
+    from mnm_search.families import _onnx
 
-    from mnm_search._files import user_path
-    from mnm_search.errors import ExportError
-
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own error types (Fail, InvalidGraph, ...)
-        raise ExportError(
-            f"onnxruntime cannot load the {ONNX_FILE} just written for {user_path(path.parent)} "
-            f"({type(exc).__name__}: {exc}); the ONNX file was not written"
-        ) from exc
-    names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
-    if names != (["input_ids"], ["logits"]):
-        raise ExportError(
-            f"{user_path(path)} has inputs/outputs {names}, expected input_ids -> logits"
-        )
-    generator = torch.Generator().manual_seed(0)
-    worst = 0.0
-    max_len = model.config.max_seq_len
-    # Two shapes: proves the batch and sequence axes are really dynamic.
-    for shape in ((2, min(16, max_len)), (1, min(5, max_len))):
-        ids = torch.randint(0, model.config.vocab_size, shape, generator=generator)
-        (logits,) = session.run(["logits"], {"input_ids": ids.numpy()})
-        with torch.inference_mode():
-            expected = model(ids)
-        if logits.dtype.name != "float32" or tuple(logits.shape) != tuple(expected.shape):
-            raise ExportError(
-                f"{path} returned {logits.dtype} {list(logits.shape)}, expected float32 "
-                f"{list(expected.shape)}"
-            )
-        worst = max(worst, float((torch.from_numpy(logits) - expected).abs().max()))
-    if not worst <= ONNX_TOLERANCE:
-        raise ExportError(
-            f"onnxruntime logits differ from torch by {worst:.3g} (> {ONNX_TOLERANCE:g}); "
-            f"the ONNX file was not written"
-        )
-    return worst
+    config = model.config
+    return _onnx.verify_onnx(
+        path,
+        model,
+        vocab_size=config.vocab_size,
+        max_len=config.max_seq_len,
+        tolerance=ONNX_TOLERANCE,
+    )
 
 
 # ------------------------------------------------------------------------------ latency
