@@ -100,7 +100,7 @@ def test_load_model_loads_a_gemma3n_checkpoint(tmp_path: Path) -> None:
 
 
 def test_load_model_refuses_an_unsupported_family(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(CheckpointError, match="unsupported model family"):
         load_model(tmp_path)
 

@@ -139,7 +139,7 @@ def test_truncated_shard_is_a_clear_error(checkpoint: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "model_type 'llama'"),
+        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "model_type 'gpt2'"),
         ({"hidden_size": 8}, "no model_type"),
     ],
 )

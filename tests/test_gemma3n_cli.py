@@ -122,17 +122,18 @@ def test_eval_bad_widths(ckpt: Path, widths: str, message: str) -> None:
 
 
 def test_unsupported_family_lists_what_is_supported(workdir: Path) -> None:
-    llama = workdir / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(
-        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    gpt2 = workdir / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     )
-    for command in (["info", llama], ["eval", llama], ["search", llama], ["profile", llama]):
+    for command in (["info", gpt2], ["eval", gpt2], ["search", gpt2], ["profile", gpt2]):
         result = _invoke(command)
         assert result.exit_code == 1, command
         text = " ".join(result.output.split())
-        assert "unsupported model family (model_type 'llama'" in text
+        assert "unsupported model family (model_type 'gpt2'" in text
         assert "gemma3n: Gemma 3n via transformers" in text and "matlm: native" in text
+        assert "llama: dense or matformerized" in text
 
 
 def test_missing_shard_is_a_clear_error(ckpt: Path) -> None:

@@ -394,6 +394,13 @@ def test_matformerize_a_sliced_export_with_a_dropped_ffn(
     _close(nested.logits(ids), before, atol=1e-4)
 
 
+def test_a_sliced_export_keeps_its_source_step(family: LlamaFamily, tmp_path: Path) -> None:
+    # 40 // 8 = 5 divides neither 24 nor 8: the export must not guess its step from its widths.
+    export_submodel(family, [40, 24, 8], tmp_path / "export")
+    sliced = load_family(tmp_path / "export")
+    assert sliced.step == family.step == 8 and sliced.full_widths() == [40, 24, 8]
+
+
 def test_a_sliced_export_cannot_be_profiled(family: LlamaFamily, tmp_path: Path) -> None:
     from mnm_search.errors import ProfileError
     from mnm_search.targets import default_target

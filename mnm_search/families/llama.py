@@ -558,7 +558,11 @@ class LlamaFamily(Family):
         self._config = dict(config or {})
         stored = [w for w in self.spec.intermediate_sizes if w]
         widest = max(stored)
-        default = max(1, widest // DEFAULT_STEPS_PER_FFN)
+        # A sliced export records its source's step; otherwise 1/8 of the widest FFN, or
+        # the largest step that divides every stored width when that does not.
+        default = self.spec.mnm.get("step") or max(1, widest // DEFAULT_STEPS_PER_FFN)
+        if any(w % default for w in stored):
+            default = math.gcd(*stored)
         step = default if step is None else step
         if not is_int(step) or step <= 0:
             raise ConfigError(f"step must be a positive integer, got {step!r}")

@@ -47,6 +47,7 @@ def export_config(
         **family.spec.mnm,
         "format": FORMAT,
         "intermediate_sizes": [int(w) for w in widths],
+        "step": family.step,
         "transformers_loadable": uniform,
         **metadata,
     }
