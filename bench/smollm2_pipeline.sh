@@ -46,7 +46,7 @@ import sys
 import pandas as pd
 trials = pd.read_csv(f"{sys.argv[1]}/trials.csv", dtype={"widths": str})
 for share, width in (("75", 1152), ("50", 768), ("25", 384)):
-    row = trials[trials["widths"] == f"{width}*30"].iloc[0]
+    row = trials[trials["widths"] == ",".join([str(width)] * 30)].iloc[0]
     print(share, width, row["latency_ms"])
 PY
 )"
