@@ -26,7 +26,17 @@ from mnm_search.cli import _common, app
 from mnm_search.cli._common import print_json, user_errors
 from mnm_search.errors import ConfigError, Terminated
 
-COMMANDS = ["info", "eval", "profile", "search", "pareto", "export", "train", "demo"]
+COMMANDS = [
+    "info",
+    "eval",
+    "profile",
+    "search",
+    "pareto",
+    "export",
+    "train",
+    "matformerize",
+    "demo",
+]
 PASSWORD = "s3cr3t-Pw"
 STORAGE = f"postgresql://alice:{PASSWORD}@db.example:5432/mnm"
 
