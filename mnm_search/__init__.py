@@ -6,6 +6,7 @@ from mnm_search.errors import MnmError
 from mnm_search.families import load_family
 from mnm_search.model import MatLM
 from mnm_search.slicing import slice_model
+from mnm_search.speculative import generate
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "MnmError",
     "ModelConfig",
     "__version__",
+    "generate",
     "load_checkpoint",
     "load_family",
     "load_model",

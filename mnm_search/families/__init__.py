@@ -24,6 +24,7 @@ from mnm_search.families.base import (
     FamilyEntry,
     family_for_config,
     family_for_file,
+    family_for_module,
     register_family,
     registered_families,
     unregister_family,
@@ -90,6 +91,15 @@ def _lazy_loader(module: str, cls: str, *, missing: str | None = None) -> Any:
     return load
 
 
+def _lazy_wrapper(module: str, cls: str) -> Any:
+    """A `wrap` importing `module` only when one of its family's modules is decoded."""
+
+    def wrap(model: Any) -> Family:
+        return getattr(importlib.import_module(module), cls).from_module(model)
+
+    return wrap
+
+
 def _is_native(config: dict[str, Any]) -> bool:
     return config.get("format") == NATIVE_FORMAT or (
         "model_type" not in config and "d_model" in config and "granularities" in config
@@ -109,6 +119,8 @@ register_family(
     summary=f"native MatFormer LM (config.json `format: {NATIVE_FORMAT}`, from `mnm train`)",
     detect=_is_native,
     load=_lazy_loader("mnm_search.families.matlm", "MatLMFamily"),
+    modules=("mnm_search.model.MatLM",),
+    wrap=_lazy_wrapper("mnm_search.families.matlm", "MatLMFamily"),
 )
 register_family(
     "gemma3n",
@@ -126,6 +138,11 @@ register_family(
             'pip install "mnm-search[hf]"'
         ),
     ),
+    modules=(
+        "mnm_search.families.gemma3n._WidthsModule",
+        "transformers.models.gemma3n.modeling_gemma3n.Gemma3nForCausalLM",
+    ),
+    wrap=_lazy_wrapper("mnm_search.families.gemma3n", "Gemma3nFamily"),
 )
 
 register_family(
@@ -138,12 +155,15 @@ register_family(
     detect=_is_llama,
     load=_lazy_loader("mnm_search.families.llama", "LlamaFamily"),
     suffixes=(".gguf",),
+    modules=("mnm_search.families.llama.LlamaLM",),
+    wrap=_lazy_wrapper("mnm_search.families.llama", "LlamaFamily"),
 )
 
 __all__ = [
     "FamilyEntry",
     "detect_family",
     "family_for_config",
+    "family_for_module",
     "load_family",
     "read_config_json",
     "register_family",

@@ -253,6 +253,11 @@ class Family(ABC):
         width step of families whose widths are multiples of one (a ConfigError otherwise).
         """
 
+    @classmethod
+    def from_module(cls, module: nn.Module) -> Family:
+        """The family around a module its `module()` returned (for `generate`)."""
+        raise ConfigError(f"the {cls.name} family cannot wrap a {type(module).__name__}")
+
     # -- facts ------------------------------------------------------------------------
 
     @property
@@ -362,6 +367,16 @@ class Family(ABC):
         """Evaluation windows of the user's text (None: the bundled text), in this family's
         tokens and `eval_seq_len`."""
 
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids [T] of `text` (default: UTF-8 bytes, for byte-level vocabularies)."""
+        from mnm_search.data import encode
+
+        return encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (default: UTF-8 bytes, undecodable ones replaced)."""
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
     @abstractmethod
     def layer_steps(self) -> LayerSteps:
         """The forward pass cut at layer boundaries (for the cached evaluator)."""
@@ -456,6 +471,10 @@ class FamilyEntry:
     load: Callable[..., Family]
     # File suffixes (".gguf") of single-file checkpoints this family loads, beside directories.
     suffixes: tuple[str, ...] = ()
+    # Qualified class names of the modules `Family.module()` returns, and the function that
+    # wraps such a module back into its family (`generate(model, ...)` needs the family).
+    modules: tuple[str, ...] = ()
+    wrap: Callable[[Any], Family] | None = None
 
 
 _REGISTRY: dict[str, FamilyEntry] = {}
@@ -470,11 +489,16 @@ def register_family(
     detect: Callable[[dict[str, Any]], bool],
     load: Callable[..., Family],
     suffixes: Sequence[str] = (),
+    modules: Sequence[str] = (),
+    wrap: Callable[[Any], Family] | None = None,
 ) -> FamilyEntry:
     """Make a family known (a later registration under the same name replaces it).
 
     `load(path, *, weights, dtype, step)` returns the loaded `Family`; `path` is a directory
     whose config.json `detect` accepted, or a file with one of `suffixes` (e.g. ".gguf").
+    `modules` names the classes (`"package.module.Class"`) of the modules the family's
+    `module()` returns and `wrap(module)` turns one back into the family, so that
+    `generate(load_model(path), ...)` works without importing every family to ask.
     Built-in families register in `mnm_search.families`; add-ons call this from their own
     module, imported by the user or named in the `mnm_search.families` entry-point group.
     """
@@ -489,6 +513,8 @@ def register_family(
         detect=detect,
         load=load,
         suffixes=tuple(s.lower() for s in suffixes),
+        modules=tuple(modules),
+        wrap=wrap,
     )
     _REGISTRY[name] = entry
     return entry
@@ -533,6 +559,22 @@ def family_for_file(path: Path) -> FamilyEntry:
     raise CheckpointError(
         f"{path} is a file; a checkpoint is a directory with config.json"
         + (f", or a file ending in {', '.join(known)}" if known else "")
+    )
+
+
+def family_for_module(model: Any) -> Family:
+    """The family of a module that `load_model` (or `Family.module()`) returned; a Family
+    is returned as it is. A clear error for any other module."""
+    if isinstance(model, Family):
+        return model
+    cls = type(model)
+    qualified = f"{cls.__module__}.{cls.__qualname__}"
+    for entry in registered_families().values():
+        if qualified in entry.modules and entry.wrap is not None:
+            return entry.wrap(model)
+    raise ConfigError(
+        f"cannot decode a {qualified}: pass a model from mnm_search.load_model(path) or a "
+        f"loaded family (mnm_search.load_family(path))"
     )
 
 

@@ -228,6 +228,12 @@ class Gemma3nFamily(Family):
     # ----------------------------------------------------------------------------- loading
 
     @classmethod
+    def from_module(cls, module: nn.Module) -> Gemma3nFamily:
+        if isinstance(module, _WidthsModule):
+            return module._family[0]
+        return cls(model=module)  # a Gemma3nForCausalLM (the constructor checks)
+
+    @classmethod
     def load(
         cls,
         path: str | Path,
@@ -747,6 +753,11 @@ class Gemma3nFamily(Family):
                 f"add its tokenizer files"
             )
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return super().decode(ids)
+        return str(self.tokenizer.decode([int(i) for i in ids]))
 
     def load_eval_set(
         self,

@@ -637,6 +637,12 @@ class LlamaFamily(Family):
             gguf_tokenizer=checkpoint.tokenizer_fields,
         )
 
+    @classmethod
+    def from_module(cls, module: nn.Module) -> LlamaFamily:
+        if not isinstance(module, LlamaLM):
+            raise ConfigError(f"expected a LlamaLM, got a {type(module).__name__}")
+        return cls(module)
+
     # -- facts ------------------------------------------------------------------------
 
     @property
@@ -897,6 +903,9 @@ class LlamaFamily(Family):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode([int(i) for i in ids]))
+
     def load_eval_set(self, data: str | Path | None, *, max_tokens: int | None) -> EvalSet:
         """Windows of the user's text, or of the bundled validation text (the Python docs
         and standard library documents that `matformerize` never calibrates on)."""
@@ -1153,7 +1162,8 @@ class LlamaDecoder(Decoder):
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self._cache is None:
             raise ConfigError("call prefill(prompt) before step()")
-        return self.model(input_ids, self.widths, cache=self._cache).float()
+        ids = input_ids.to(self.model.model.embed_tokens.weight.device)
+        return self.model(ids, self.widths, cache=self._cache).float()
 
     def rollback(self, length: int) -> None:
         if self._cache is None or not 0 <= length <= self._cache.length:

@@ -90,6 +90,12 @@ class MatLMFamily(Family):
             Checkpoint(model=model, config=model.config, fingerprint=fingerprint(model), path=path)
         )
 
+    @classmethod
+    def from_module(cls, module: nn.Module) -> MatLMFamily:
+        if not isinstance(module, MatLM):
+            raise ConfigError(f"expected a MatLM, got a {type(module).__name__}")
+        return cls.from_model(module)
+
     # -- facts ------------------------------------------------------------------------
 
     @property
@@ -277,7 +283,8 @@ class MatLMDecoder(Decoder):
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self._cache is None:
             raise ConfigError("call prefill(prompt) before step()")
-        return self.model(input_ids, self.widths, cache=self._cache).float()
+        ids = input_ids.to(self.model.wte.weight.device)
+        return self.model(ids, self.widths, cache=self._cache).float()
 
     def rollback(self, length: int) -> None:
         if self._cache is None or not 0 <= length <= self._cache.length:
