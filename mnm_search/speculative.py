@@ -39,6 +39,7 @@ __all__ = [
     "Sampling",
     "SpeculationStats",
     "best_lookahead",
+    "check_context",
     "decode_plain",
     "decode_speculative",
     "expected_tokens",
@@ -282,6 +283,7 @@ def generate(
     ids = _check_input_ids(input_ids)
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r:.80}")
+    check_context(family, ids.shape[1], max_new_tokens)
     sampling = Sampling(temperature=temperature, top_k=top_k, generator=generator)
     target_widths = None if widths is None else family.parse_widths(widths)
     target = family.decoder(target_widths)
@@ -311,6 +313,19 @@ def generate(
     longest = max(len(r) for r in rows)
     pad = 0 if eos_token_id is None else eos_token_id
     return torch.tensor([r + [pad] * (longest - len(r)) for r in rows], dtype=torch.long)
+
+
+def check_context(family: Family, prompt_tokens: int, max_new_tokens: int) -> None:
+    """ConfigError unless a prompt and its new tokens fit the model's positions (the last new
+    token is never fed back, so prompt + new - 1 positions are used)."""
+    limit = family.max_positions
+    needed = prompt_tokens + max_new_tokens - 1
+    if limit is not None and needed > limit:
+        raise ConfigError(
+            f"a prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} needs "
+            f"{needed} positions, but the model holds at most {limit} (its max_seq_len / "
+            f"max_position_embeddings); shorten the prompt or generate fewer tokens"
+        )
 
 
 # ------------------------------------------------------------------------- predictions

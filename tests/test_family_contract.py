@@ -9,7 +9,8 @@ registration.
 The checks: a sliced module computes the universal forward at its widths; cached evaluation
 equals plain evaluation; parameter counts are exact; an export reloads to the same forward;
 the profiler's JSON has its schema and loads as a latency model; widths round-trip; the
-decoder's steps equal one full forward; the registry detects each family and names them all
+decoder's steps equal one full forward; greedy speculative decoding with any narrower
+configuration as the draft equals plain greedy decoding; the registry detects each family and names them all
 when it detects none.
 """
 
@@ -661,6 +662,28 @@ def test_decoder_steps_equal_one_forward(family: Family) -> None:
         decoder.rollback(8)  # forget positions 8.. and decode them again
         assert decoder.length == 8
         _close(decoder.step(IDS[:, 8:]), reference[:, 8:], f"{family.name} {name}: rollback")
+
+
+def test_speculative_greedy_equals_plain_greedy(family: Family) -> None:
+    """A narrower configuration drafting for the full model changes no token (DESIGN.md §4),
+    through `generate` on the family and, where registered, on its `load_model` module."""
+    from mnm_search import generate
+
+    prompt = IDS[:, :5]
+    plain = generate(family, prompt, max_new_tokens=7)
+    assert plain.shape == (2, 12) and torch.equal(plain[:, :5], prompt)
+    for name, draft in contract_configs(family).items():
+        for lookahead in (1, 3):
+            spec = generate(
+                family, prompt, max_new_tokens=7, draft_widths=draft, lookahead=lookahead
+            )
+            assert torch.equal(spec, plain), f"{family.name} draft {name}, lookahead {lookahead}"
+    if family.name != "toy":  # the toy registers no module types: it is passed as a family
+        smallest = contract_configs(family)["smallest"]
+        module = family.module()
+        assert torch.equal(
+            generate(module, prompt, max_new_tokens=7, draft_widths=smallest, lookahead=2), plain
+        )
 
 
 def test_registry_detects_the_family(family: Family) -> None:

@@ -274,6 +274,11 @@ class Family(ABC):
         """Whether every width of the search space can be sliced from this checkpoint."""
 
     @property
+    def max_positions(self) -> int | None:
+        """Most token positions one sequence can hold (None: no fixed limit)."""
+        return None
+
+    @property
     def eval_seq_len(self) -> int:
         """Tokens per evaluation window."""
         return 512

@@ -331,6 +331,10 @@ class Gemma3nFamily(Family):
         return True  # every width up to the stored one, and every skippable layer, slices
 
     @property
+    def max_positions(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    @property
     def eval_seq_len(self) -> int:
         return min(DEFAULT_EVAL_SEQ_LEN, int(self.config.max_position_embeddings))
 

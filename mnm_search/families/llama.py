@@ -673,6 +673,10 @@ class LlamaFamily(Family):
         )
 
     @property
+    def max_positions(self) -> int:
+        return self.spec.max_positions
+
+    @property
     def eval_seq_len(self) -> int:
         return min(DEFAULT_EVAL_SEQ_LEN, self.spec.max_positions)
 

@@ -111,6 +111,10 @@ class MatLMFamily(Family):
         return self.config.is_universal
 
     @property
+    def max_positions(self) -> int:
+        return self.config.max_seq_len
+
+    @property
     def eval_seq_len(self) -> int:
         return self.config.max_seq_len
 
