@@ -24,7 +24,13 @@ from mnm_search._trials import (
     SEED_KIND_ATTR,
     eval_failed,
 )
-from mnm_search.pareto import METRIC_COLUMNS, format_widths_column, hypervolume, write_results
+from mnm_search.pareto import (
+    METRIC_COLUMNS,
+    format_widths_column,
+    hypervolume,
+    maximised,
+    write_results,
+)
 from mnm_search.space import SearchSpace
 
 # A study whose first this-many trials in a row all failed will not do better: stop it.
@@ -43,6 +49,7 @@ class SearchProgress:
     hypervolume: float | None  # of the feasible front, objectives scaled to the ranges seen
     n_failed: int = 0  # trials whose evaluation gave a non-finite value (count to the budget)
     failure: str | None = None  # why the latest failed trial failed, when it is new
+    best_speedup: float | None = None  # best feasible predicted speculative speed-up so far
 
 
 def trials_frame(
@@ -89,8 +96,9 @@ def trials_frame(
     frame = frame.drop(columns=empty)
     if "params" in frame.columns:  # absent when every trial failed before counting params
         frame["params"] = frame["params"].astype("Int64")
-    if "memory_bytes" in frame.columns:
-        frame["memory_bytes"] = frame["memory_bytes"].astype("Int64")
+    for column in ("memory_bytes", "lookahead"):
+        if column in frame.columns:
+            frame[column] = frame[column].astype("Int64")
     return frame.sort_values("trial").reset_index(drop=True)
 
 
@@ -109,13 +117,19 @@ def _seed_kind(attrs: dict[str, Any]) -> str | None:
     return "named" if str(label).startswith("lab: ") else None
 
 
-def front_hypervolume(frame: pd.DataFrame, columns: list[str]) -> float | None:
-    """Hypervolume of the feasible front, each objective scaled to the range seen."""
+def front_hypervolume(
+    frame: pd.DataFrame, columns: list[str], maximise: set[str] | None = None
+) -> float | None:
+    """Hypervolume of the feasible front, each objective scaled to the range seen
+    (`maximise`: the maximised columns, default as `pareto_front` has them)."""
     usable = frame[(frame["state"] == "COMPLETE") & frame["feasible"]].dropna(subset=columns)
     if usable.empty:
         return None
     values = usable[columns].astype(float)
-    return hypervolume(usable, columns, ideal=values.min().tolist(), nadir=values.max().tolist())
+    up = maximised(columns, maximise)
+    ideal = [values[c].max() if c in up else values[c].min() for c in columns]
+    nadir = [values[c].min() if c in up else values[c].max() for c in columns]
+    return hypervolume(usable, columns, ideal=ideal, nadir=nadir, maximise=up)
 
 
 class ResultsSink:
@@ -136,12 +150,14 @@ class ResultsSink:
         info: dict[str, Any],
         *,
         n_target: int,
+        maximise: set[str] | None = None,
         on_progress: Callable[[SearchProgress], None] | None = None,
         fast_write_s: float = 0.05,
     ) -> None:
         self.results_dir = results_dir
         self.space = space
         self.columns = list(columns)
+        self.maximise = maximised(self.columns, maximise)
         self.info = info
         self.n_target = n_target
         self.on_progress = on_progress
@@ -165,7 +181,7 @@ class ResultsSink:
         info["seed_trials"] = {
             str(row.trial): row.source for row in frame.itertuples() if row.source != "sampler"
         }
-        return write_results(self.results_dir, frame, self.columns, info)
+        return write_results(self.results_dir, frame, self.columns, info, maximise=self.maximise)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         reason = trial.user_attrs.get(FAIL_ATTR) if trial.state == TrialState.FAIL else None
@@ -203,6 +219,7 @@ class ResultsSink:
         if show and self.on_progress is not None:
             self.last_progress = now
             feasible = frame[(frame["state"] == "COMPLETE") & frame["feasible"]]
+            best_speedup = feasible["speedup"].max() if "speedup" in feasible else None
             self.on_progress(
                 SearchProgress(
                     n_complete=n_complete,
@@ -210,8 +227,9 @@ class ResultsSink:
                     n_new=self.n_new,
                     trials_per_s=self.n_new / max(now - self.started, 1e-9),
                     best_loss=float(feasible["loss"].min()) if not feasible.empty else None,
-                    hypervolume=front_hypervolume(frame, self.columns),
+                    hypervolume=front_hypervolume(frame, self.columns, self.maximise),
                     n_failed=n_failed,
                     failure=new_failure,
+                    best_speedup=None if pd.isna(best_speedup) else float(best_speedup),
                 )
             )

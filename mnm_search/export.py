@@ -17,12 +17,19 @@ What `write_export` returns (facts for the report and the card; only the first i
 - `card`: `front_matter`, `title`, `about`, `rows` ([label, value] pairs), `verified` and
   `usage` for the model card;
 - any extra number the family checked (e.g. `onnx_max_abs_diff`).
+
+With a `draft` (a narrower configuration of the same checkpoint, at most the export's width
+in every layer) the export ships with it for self-speculative decoding: its `config.json`
+gets `"speculative": {"draft_widths": [...], "lookahead": K}` (the draft as widths of the
+export itself, for every family), and the written export is loaded back to check that
+greedy decoding with that draft equals plain greedy decoding before anything is published.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import torch
 
 from mnm_search import __version__
 from mnm_search._files import (
@@ -37,6 +45,7 @@ from mnm_search._files import (
     atomic_write_text,
     describe_os_error,
     finite,
+    json_text,
     refuse_overlap,
 )
 from mnm_search.data import EvalSet
@@ -51,6 +60,12 @@ if TYPE_CHECKING:
 
 CARD_FILE = "README.md"
 DEFAULT_METADATA_FILE = "config.json"
+CONFIG_FILE = "config.json"  # every family's export has one; the draft block goes there
+SPECULATIVE_KEY = "speculative"  # config.json: {"draft_widths": [...], "lookahead": K}
+DEFAULT_LOOKAHEAD = 4
+DRAFT_CHECK_TOKENS = 8  # new tokens decoded to check a shipped draft
+DRAFT_PROMPT_TOKENS = 16
+DRAFT_PROMPT_TEXT = "The quick brown fox jumps over the lazy dog. "  # without an eval set
 
 Progress = Callable[[str], None]
 
@@ -83,6 +98,9 @@ class ExportReport:
     quality: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
     verification: dict[str, Any] = field(default_factory=dict)
+    # The shipped draft: `draft_widths` (of the export), `lookahead`, `source_draft_widths`
+    # and what the check found (`check_tokens`, `acceptance_rate`); None without a draft.
+    speculative: dict[str, Any] | None = None
 
     @property
     def latency_error_pct(self) -> float | None:
@@ -103,6 +121,26 @@ class ExportReport:
         data["latency_error_pct"] = self.latency_error_pct
         data["speedup_vs_full"] = self.speedup_vs_full
         return data
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A draft to ship with an export: widths of the source checkpoint, and the lookahead."""
+
+    widths: list[int]
+    lookahead: int = DEFAULT_LOOKAHEAD
+
+    def __post_init__(self) -> None:
+        from mnm_search.speculative import MAX_LOOKAHEAD
+
+        lookahead = self.lookahead
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int):
+            raise ConfigError(f"--lookahead must be an integer, got {lookahead!r:.80}")
+        if not 1 <= lookahead <= MAX_LOOKAHEAD:
+            raise ConfigError(
+                f"--lookahead must be in [1, {MAX_LOOKAHEAD}] (tokens the draft proposes per "
+                f"verification), got {lookahead}"
+            )
 
 
 @dataclass(frozen=True)
@@ -219,6 +257,21 @@ def _ranges(numbers: Sequence[int]) -> str:
     return ", ".join(parts) or "none"
 
 
+def check_draft_fits(family: Family, draft: Sequence[int], member: Member) -> None:
+    """A draft ships with an export only if the export holds it: at most the export's width
+    in every layer (ExportError naming the layer otherwise)."""
+    widths = list(member.widths)
+    for layer, (narrow, width) in enumerate(zip(draft, widths)):
+        if narrow > width:
+            what = f"trial {member.trial}" if member.trial is not None else "the export"
+            raise ExportError(
+                f"layer {layer}: the draft's width {narrow} is wider than {what}'s {width}; a "
+                f"draft runs on the exported weights, so it must be at most as wide as the "
+                f"export in every layer (--draft {family.format_widths(draft)} vs "
+                f"{family.format_widths(widths)}); nothing was written"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Measuring
 
@@ -264,9 +317,13 @@ class _Exporter:
         target: HardwareTarget | None,
         provenance: dict[str, Any],
         on_progress: Progress | None,
+        draft: Draft | None = None,
     ) -> None:
         self.family = family
         self.fmt = check_format(family, fmt)
+        self.draft = draft
+        if draft is not None:
+            self.draft = dataclasses.replace(draft, widths=family.validate_widths(draft.widths))
         self.eval_set = eval_set
         self.data_name = data_name
         self.latency_model = latency_model
@@ -275,7 +332,10 @@ class _Exporter:
         self.on_progress = on_progress or (lambda message: None)
 
     def validate(self, member: Member) -> list[int]:
-        return self.family.validate_widths(list(member.widths))
+        widths = self.family.validate_widths(list(member.widths))
+        if self.draft is not None:
+            check_draft_fits(self.family, self.draft.widths, member)
+        return widths
 
     def write(self, directory: Path, member: Member) -> ExportReport:
         """Measure one member, then write and verify it in an existing (temporary) directory."""
@@ -308,6 +368,7 @@ class _Exporter:
         )
         self.on_progress(f"slicing {compact}, writing and verifying {self.fmt}")
         facts = family.write_export(directory, widths, fmt=self.fmt, metadata=metadata)
+        speculative = self._ship_draft(directory, widths) if self.draft is not None else None
         metadata_file = facts.get("metadata_file", DEFAULT_METADATA_FILE)
         files = [str(f) for f in facts.get("files", [metadata_file])]
         report = ExportReport(
@@ -335,10 +396,71 @@ class _Exporter:
             quality=metadata["quality"],
             latency=metadata["latency"],
             verification=dict(facts.get("verification") or {}),
+            speculative=speculative,
         )
         card = model_card(report, family, facts.get("card") or {}, metadata_file=metadata_file)
         atomic_write_text(directory / CARD_FILE, card)
         return report
+
+    def _ship_draft(self, directory: Path, widths: list[int]) -> dict[str, Any]:
+        """Record the draft in the export's config.json, then load the export back and check
+        that greedy decoding with the draft equals plain greedy decoding."""
+        from mnm_search.families import load_family
+        from mnm_search.speculative import SpeculationStats, generate
+
+        assert self.draft is not None
+        source, lookahead = self.draft.widths, self.draft.lookahead
+        on_export = self.family.widths_on_export(source, widths)
+        block = {"draft_widths": [int(w) for w in on_export], "lookahead": lookahead}
+        _record_speculative(directory / CONFIG_FILE, block)
+        shown = self.family.format_widths(source)
+        self.on_progress(f"checking the draft {shown} on the written export")
+        try:
+            exported = load_family(directory)
+            draft = exported.parse_widths(block["draft_widths"])
+        except MnmError as exc:
+            raise ExportError(
+                f"the {self.family.name} export of {self.family.format_widths(widths)} cannot "
+                f"serve the draft {shown} as written: {exc}; nothing was written"
+            ) from exc
+        prompt = self._draft_prompt(exported)
+        stats = SpeculationStats(lookahead=lookahead)
+        plain = generate(exported, prompt, max_new_tokens=DRAFT_CHECK_TOKENS)
+        drafted = generate(
+            exported,
+            prompt,
+            max_new_tokens=DRAFT_CHECK_TOKENS,
+            draft_widths=draft,
+            lookahead=lookahead,
+            stats=stats,
+        )
+        if not torch.equal(plain, drafted):
+            raise ExportError(
+                f"greedy decoding of the export with the draft {shown} (lookahead {lookahead}) "
+                f"gave other tokens than plain greedy decoding ({drafted[0, -8:].tolist()} vs "
+                f"{plain[0, -8:].tolist()}): the export cannot serve this draft exactly; "
+                f"nothing was written"
+            )
+        del exported
+        return {
+            **block,
+            "source_draft_widths": list(source),
+            "draft_widths_compact": shown,
+            "check_tokens": DRAFT_CHECK_TOKENS,
+            "acceptance_rate": finite(stats.acceptance_rate),
+        }
+
+    def _draft_prompt(self, exported: Family) -> torch.Tensor:
+        """A short prompt [1, T] in the export's tokens: eval text, else a fixed sentence
+        (else, for an export without a tokenizer, the first token ids)."""
+        length = max(1, min(DRAFT_PROMPT_TOKENS, exported.eval_seq_len - DRAFT_CHECK_TOKENS))
+        if self.eval_set is not None and self.eval_set.inputs.numel():
+            return self.eval_set.inputs[:1, :length].long()
+        try:
+            ids = exported.encode(DRAFT_PROMPT_TEXT * 4)[:length]
+        except MnmError:
+            ids = torch.arange(1, length + 1)
+        return ids.reshape(1, -1).long()
 
     def _quality(
         self, widths: list[int], compact: str, member: Member
@@ -401,6 +523,21 @@ class _Exporter:
             repeats=member.n,
         )
         return latency
+
+
+def _record_speculative(path: Path, block: dict[str, Any]) -> None:
+    """Add the `speculative` block to an export's config.json (top level, every family)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(
+            f"the export has no readable {path.name} to record the draft in ({exc}); nothing "
+            f"was written"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ExportError(f"the export's {path.name} is not a JSON object; nothing was written")
+    config[SPECULATIVE_KEY] = block
+    atomic_write_text(path, json_text(config) + "\n")
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:
@@ -480,6 +617,13 @@ def model_card(
             f"| vs full model | {report.speedup_vs_full:.2f}x faster "
             f"({report.full_model_ms:.3f} ms measured alongside) |"
         )
+    if report.speculative is not None:
+        spec = report.speculative
+        lines.append(
+            f"| self-speculative draft | `{','.join(map(str, spec['draft_widths']))}` "
+            f"(lookahead {spec['lookahead']}; `{SPECULATIVE_KEY}` in `{CONFIG_FILE}`): greedy "
+            f"decoding with it was checked to equal plain greedy decoding |"
+        )
     verified = card.get("verified") or (
         f"logits max abs diff {report.logits_max_abs_diff:.2e} vs the source model at these widths"
     )
@@ -520,10 +664,12 @@ def export_submodel(
     provenance: dict[str, Any] | None = None,
     overwrite: bool = False,
     on_progress: Progress | None = None,
+    draft: Draft | None = None,
 ) -> ExportReport:
     """Measure, write, verify and atomically publish one configuration at `out`.
 
-    `fmt`: one of the family's `export_formats` (None: its first).
+    `fmt`: one of the family's `export_formats` (None: its first). `draft`: ship a narrower
+    configuration with it for self-speculative decoding (checked; see the module docs).
     """
     out = Path(out)
     member = member if isinstance(member, Member) else Member(widths=list(member))
@@ -536,6 +682,7 @@ def export_submodel(
         target=target,
         provenance=provenance or {},
         on_progress=on_progress,
+        draft=draft,
     )
     exporter.validate(member)
     refuse_overlap(out, {"the source checkpoint": family.path})
@@ -558,8 +705,10 @@ def export_front(
     provenance: dict[str, Any] | None = None,
     overwrite: bool = False,
     on_progress: Progress | None = None,
+    draft: Draft | None = None,
 ) -> list[ExportReport]:
-    """Export several configurations as `out/trial-NNNN/` (all or nothing) plus `front.csv`."""
+    """Export several configurations as `out/trial-NNNN/` (all or nothing) plus `front.csv`;
+    a `draft` ships with each (it must fit every member)."""
     out = Path(out)
     if not members:
         raise ExportError("nothing to export: the front is empty")
@@ -572,6 +721,7 @@ def export_front(
         target=target,
         provenance=provenance or {},
         on_progress=on_progress,
+        draft=draft,
     )
     for member in members:
         exporter.validate(member)
@@ -602,6 +752,14 @@ def _summary_row(report: ExportReport) -> dict[str, Any]:
         "error_pct": report.latency_error_pct,
         "speedup_vs_full": report.speedup_vs_full,
         "max_abs_logit_diff": report.logits_max_abs_diff,
+        **(
+            {
+                "draft_widths": ",".join(map(str, report.speculative["draft_widths"])),
+                "lookahead": report.speculative["lookahead"],
+            }
+            if report.speculative is not None
+            else {}
+        ),
     }
 
 

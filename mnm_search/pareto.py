@@ -1,14 +1,17 @@
 """Pareto tables from search results (pure pandas/numpy; no plotting).
 
-Every objective is minimised. Result directories (DESIGN §3) hold `trials.csv`, `pareto.csv`
-and `run.json`; `widths` is a comma-separated string of ints, one per layer.
+Objectives are minimised, except the columns in `MAXIMISED_COLUMNS` (speculative decoding's
+acceptance and predicted speed-up), which are maximised wherever a front is computed (pass
+`maximise=` to override). A front of one objective is its best row. Result directories
+(DESIGN §3) hold `trials.csv`, `pareto.csv` and `run.json`; `widths` is a comma-separated
+string of ints, one per layer.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,21 @@ class ResultsError(MnmError):
 # Columns every results table has, and the numeric ones it may have (DESIGN §3).
 _REQUIRED_COLUMNS = ("trial", "widths", "loss", "state")
 # What a trial can measure (trials.csv and pareto.csv columns, in this order).
-METRIC_COLUMNS = ("loss", "params", "latency_ms", "memory_bytes", "kl", "agreement", "disagreement")
+METRIC_COLUMNS = (
+    "loss",
+    "params",
+    "latency_ms",
+    "memory_bytes",
+    "kl",
+    "agreement",
+    "disagreement",
+    "acceptance",
+    "speedup",
+    "lookahead",
+)
+# Result columns where higher is better; every other objective column is minimised.
+MAXIMISED_COLUMNS = frozenset({"acceptance", "speedup"})
+DIRECTIONS = ("minimize", "maximize")  # Optuna's spelling, as run.json records them
 _NUMERIC_COLUMNS = (*METRIC_COLUMNS, "seconds")
 _STATES = ("COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING")
 _FIX = "re-run the same `mnm search` command to rewrite it from the study's storage"
@@ -74,18 +91,41 @@ def pareto_mask(points: np.ndarray) -> np.ndarray:
     return keep
 
 
+def maximised(objectives: Sequence[str], maximise: Collection[str] | None = None) -> set[str]:
+    """The objective columns to maximise: `maximise`, or by default those of
+    `MAXIMISED_COLUMNS` among `objectives`."""
+    chosen = MAXIMISED_COLUMNS if maximise is None else frozenset(maximise)
+    return {c for c in objectives if c in chosen}
+
+
+def _signs(objectives: Sequence[str], maximise: Collection[str] | None) -> np.ndarray:
+    """+1 per minimised objective, -1 per maximised one: points * signs are all minimised."""
+    up = maximised(objectives, maximise)
+    return np.array([-1.0 if c in up else 1.0 for c in objectives])
+
+
 def pareto_front(
-    df: pd.DataFrame, objectives: Sequence[str] = ("loss", "latency_ms")
+    df: pd.DataFrame,
+    objectives: Sequence[str] = ("loss", "latency_ms"),
+    *,
+    maximise: Collection[str] | None = None,
 ) -> pd.DataFrame:
-    """Non-dominated rows of `df` (complete and feasible ones only), sorted by the 2nd objective."""
+    """Non-dominated rows of `df` (complete and feasible ones only), sorted by the 2nd objective
+    (then the 1st); a maximised column sorts best first.
+
+    `maximise`: the objective columns where higher is better (default: `MAXIMISED_COLUMNS`).
+    With one objective the front is its best row (the first of equal ones).
+    """
     objectives = list(objectives)
     rows = _usable(df, objectives)
     if rows.empty:
         return rows.copy()
-    mask = pareto_mask(rows[objectives].to_numpy(dtype=float))
+    signs = _signs(objectives, maximise)
+    mask = pareto_mask(rows[objectives].to_numpy(dtype=float) * signs)
     front = rows[mask]
     order = objectives[1:] + objectives[:1] if len(objectives) > 1 else objectives
-    return front.sort_values(order).reset_index(drop=True)
+    up = maximised(objectives, maximise)
+    return front.sort_values(order, ascending=[c not in up for c in order]).reset_index(drop=True)
 
 
 def hypervolume(
@@ -95,19 +135,23 @@ def hypervolume(
     ideal: Sequence[float],
     nadir: Sequence[float],
     margin: float = 0.1,
+    maximise: Collection[str] | None = None,
 ) -> float:
     """Hypervolume of the usable rows after scaling each objective to [0, 1] by ideal/nadir.
 
-    The reference point sits `margin` beyond the nadir in every scaled objective, so the
-    extreme points of a front still count. Comparable only under the same ideal/nadir.
+    `ideal` is the best value of each objective (the highest for a maximised one, see
+    `pareto_front`), `nadir` the worst. The reference point sits `margin` beyond the nadir
+    in every scaled objective, so the extreme points of a front still count. Comparable only
+    under the same ideal/nadir.
     """
     rows = _usable(df, objectives)
     if rows.empty:
         return 0.0
-    low = np.asarray(ideal, dtype=float)
-    span = np.asarray(nadir, dtype=float) - low
+    signs = _signs(objectives, maximise)
+    low = np.asarray(ideal, dtype=float) * signs
+    span = np.asarray(nadir, dtype=float) * signs - low
     span[span <= 0] = 1.0
-    scaled = (rows[list(objectives)].to_numpy(dtype=float) - low) / span
+    scaled = (rows[list(objectives)].to_numpy(dtype=float) * signs - low) / span
     reference = np.full(len(objectives), 1.0 + margin)
     inside = np.all(scaled < reference, axis=1)
     if not inside.any():
@@ -172,16 +216,29 @@ def parse_widths_column(text: str) -> list[int]:
     return [int(w) for w in str(text).split(",")]
 
 
+def objective_maximise(run_info: dict[str, Any], columns: Sequence[str]) -> set[str]:
+    """The maximised ones of `columns` (objective columns of a search): as run.json's
+    `objective_directions` records them, else (results of an older mnm) by column name."""
+    recorded = run_info.get("objective_columns")
+    directions = run_info.get("objective_directions")
+    if isinstance(recorded, list) and isinstance(directions, list):
+        up = {c for c, d in zip(recorded, directions) if d == "maximize"}
+        return {c for c in columns if c in up}
+    return maximised(columns)
+
+
 def write_results(
     results_dir: str | Path,
     trials: pd.DataFrame,
     objectives: Sequence[str],
     run_info: dict[str, Any],
+    *,
+    maximise: Collection[str] | None = None,
 ) -> pd.DataFrame:
     """Write trials.csv, pareto.csv (front over `objectives` columns) and run.json atomically."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    front = pareto_front(trials, objectives) if not trials.empty else trials
+    front = pareto_front(trials, objectives, maximise=maximise) if not trials.empty else trials
     atomic_write_text(results_dir / TRIALS_FILE, trials.to_csv(index=False))
     atomic_write_text(results_dir / PARETO_FILE, front.to_csv(index=False))
     atomic_write_text(results_dir / RUN_FILE, json_text(run_info) + "\n")
@@ -289,6 +346,7 @@ _RUN_KEYS: dict[str, tuple[type, ...]] = {
     "target": (str, dict),
     "objectives": (list,),
     "objective_columns": (list,),
+    "objective_directions": (list,),
     "constraints": (dict,),
     "space": (dict,),
     "step": (int,),
@@ -318,6 +376,16 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
             raise ResultsError(
                 f"{path}: {key} is {_short(items)}, expected a list of names; {_FIX}"
             )
+    directions = info.get("objective_directions")
+    columns = info.get("objective_columns")
+    if directions is not None and (
+        not all(d in DIRECTIONS for d in directions)
+        or (columns is not None and len(directions) != len(columns))
+    ):
+        raise ResultsError(
+            f"{path}: objective_directions is {_short(directions)}, expected one of "
+            f"{' or '.join(DIRECTIONS)} per objective column; {_FIX}"
+        )
     for name, limit in (info.get("constraints") or {}).items():
         if (
             isinstance(limit, bool)

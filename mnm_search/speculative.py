@@ -116,8 +116,9 @@ class Sampling:
         return self.temperature == 0
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The sampling distribution over the vocabulary [..., V], in float64."""
-        scaled = logits.double() / self.temperature
+        """The sampling distribution over the vocabulary [..., V], in float64 on the CPU
+        (where the generator draws, whatever device the logits come from)."""
+        scaled = logits.detach().double().cpu() / self.temperature
         if self.top_k is not None and self.top_k < scaled.shape[-1]:
             cutoff = torch.topk(scaled, self.top_k, dim=-1).values[..., -1:]
             scaled = scaled.masked_fill(scaled < cutoff, -math.inf)

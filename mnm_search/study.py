@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -62,9 +63,10 @@ from mnm_search.data import EvalSet
 from mnm_search.errors import ConfigError, SearchError
 from mnm_search.evaluator import CachedEvaluator, eval_subset
 from mnm_search.families.base import Family, SeedConfig
-from mnm_search.pareto import pareto_front
+from mnm_search.pareto import MAXIMISED_COLUMNS, pareto_front
 from mnm_search.redact import redact, url_secrets
 from mnm_search.space import SearchSpace, param_name
+from mnm_search.speculative import best_lookahead
 
 if TYPE_CHECKING:
     from mnm_search.latency import LatencyModel
@@ -73,8 +75,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_SAMPLER",
     "JOURNAL_FILE",
+    "MAXIMISED",
     "OBJECTIVES",
     "SAMPLERS",
+    "SINGLE_OBJECTIVES",
     "CostModel",
     "SearchInterrupted",
     "SearchProgress",
@@ -85,10 +89,11 @@ __all__ = [
     "open_study",
     "run_search",
     "seed_configs",
+    "speculation_metrics",
     "trials_frame",
 ]
 
-# objective name -> result column (every objective is minimised)
+# objective name -> result column
 OBJECTIVES = {
     "loss": "loss",
     "latency": "latency_ms",
@@ -96,7 +101,16 @@ OBJECTIVES = {
     "memory": "memory_bytes",
     "kl": "kl",
     "disagreement": "disagreement",
+    # Self-speculative decoding with the configuration as the draft of the full model:
+    # top-1 agreement with the full model (a proxy of the greedy acceptance rate), and the
+    # predicted speed-up at the best lookahead (`speculative.best_lookahead`).
+    "acceptance": "acceptance",
+    "speedup": "speedup",
 }
+# The objectives where higher is better; every other one is minimised.
+MAXIMISED = frozenset(name for name, column in OBJECTIVES.items() if column in MAXIMISED_COLUMNS)
+# Objectives that may be searched alone: they weigh quality against cost themselves.
+SINGLE_OBJECTIVES = ("speedup",)
 SAMPLERS = ("nsga2", "tpe", "gp", "random", "exhaustive")
 DEFAULT_SAMPLER = "gp"
 JOURNAL_FILE = "study.journal"
@@ -110,11 +124,16 @@ _FAIL_HINTS = {
     "latency_ms": "the latency profile holds non-finite timings; measure again with mnm profile",
     "params": "the checkpoint's config is inconsistent; check with mnm info",
     "memory_bytes": "the hardware target is inconsistent; check its YAML",
+    "acceptance": "the checkpoint's weights or norm_eps are not finite; check with mnm eval",
+    "speedup": "the latency profile predicts a non-positive or non-finite latency for it or "
+    "for the full model; measure again with mnm profile",
 }
 # Writing the result files after every trial is fine while it takes less than this.
 _FAST_WRITE_S = 0.05
 # Objective name -> the setting that makes it a constraint (for "cannot compute" errors).
 _CONSTRAINT_OF = {"latency": "max_latency_ms", "params": "max_params", "memory": "max_memory"}
+# Objectives computed from the evaluator's agreement with the full model.
+_AGREEMENT_OBJECTIVES = frozenset({"kl", "disagreement", "acceptance", "speedup"})
 
 
 @dataclass(frozen=True)
@@ -144,10 +163,12 @@ class SearchSettings:
                 f"unknown objective(s) {', '.join(map(repr, unknown))}; "
                 f"choose from {', '.join(OBJECTIVES)}"
             )
-        if len(objectives) < 2 or len(set(objectives)) != len(objectives):
+        alone = len(objectives) == 1 and objectives[0] in SINGLE_OBJECTIVES
+        if (len(objectives) < 2 and not alone) or len(set(objectives)) != len(objectives):
             raise ConfigError(
-                f"objectives must name at least two different objectives, e.g. loss,latency; "
-                f"got {','.join(objectives)}"
+                f"objectives must name at least two different objectives, e.g. loss,latency "
+                f"(or {' or '.join(SINGLE_OBJECTIVES)} alone: it weighs acceptance against "
+                f"latency itself); got {','.join(objectives) or 'none'}"
             )
         if self.sampler not in SAMPLERS:
             raise ConfigError(
@@ -163,15 +184,18 @@ class SearchSettings:
             raise ConfigError(f"cache_mb must be >= 0, got {self.cache_mb}")
         if self.fidelity_tokens < 0:
             raise ConfigError(f"fidelity_tokens must be >= 0, got {self.fidelity_tokens}")
-        if self.fidelity_tokens and ({"kl", "disagreement"} & set(objectives)):
+        agreement = sorted(_AGREEMENT_OBJECTIVES & set(objectives))
+        if self.fidelity_tokens and agreement:
             raise ConfigError(
                 "fidelity_tokens (multi-fidelity screening) works with loss plus cost "
-                "objectives only, not with kl/disagreement"
+                f"objectives only, not with {'/'.join(agreement)}"
             )
 
     @property
     def needs_latency(self) -> bool:
-        return "latency" in self.objectives or self.max_latency_ms is not None
+        return bool({"latency", "speedup"} & set(self.objectives)) or (
+            self.max_latency_ms is not None
+        )
 
     @property
     def needs_memory(self) -> bool:
@@ -179,11 +203,20 @@ class SearchSettings:
 
     @property
     def needs_agreement(self) -> bool:
-        return bool({"kl", "disagreement"} & set(self.objectives))
+        return bool(_AGREEMENT_OBJECTIVES & set(self.objectives))
 
     @property
     def columns(self) -> list[str]:
         return [OBJECTIVES[o] for o in self.objectives]
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna's direction of each objective: "maximize" or "minimize"."""
+        return ["maximize" if o in MAXIMISED else "minimize" for o in self.objectives]
+
+    @property
+    def maximised_columns(self) -> set[str]:
+        return {OBJECTIVES[o] for o in self.objectives if o in MAXIMISED}
 
     def constraints(self) -> dict[str, float]:
         """Result column -> upper bound, for the constraints that are set."""
@@ -285,6 +318,13 @@ class CostModel:
     def params(self, widths: Sequence[int]) -> int:
         return self.family.param_count(widths)
 
+    @functools.cached_property
+    def full_latency_ms(self) -> float | None:
+        """Predicted latency of the full model (the target a draft speeds up), if known."""
+        if self.latency_model is None:
+            return None
+        return float(self.latency_model.predict_ms(self.family.full_widths()))
+
     def __call__(self, widths: Sequence[int]) -> dict[str, float]:
         metrics: dict[str, float] = {"params": float(self.params(widths))}
         if self.latency_model is not None:
@@ -294,6 +334,30 @@ class CostModel:
                 self.family.memory_bytes(widths, self.memory_target).total
             )
         return metrics
+
+
+def speculation_metrics(metrics: dict[str, Any], full_latency_ms: float | None) -> dict[str, Any]:
+    """The configuration as a self-speculative draft of the full model, from its metrics.
+
+    `acceptance` is its top-1 agreement with the full model (a proxy of the greedy acceptance
+    rate); with a predicted latency, `speedup` is the predicted speed-up at the best lookahead
+    (`lookahead`) for the cost ratio c = latency / latency of the full model. Nothing without
+    an agreement; a NaN speed-up where c is not a positive number (the trial then fails).
+    """
+    agreement = metrics.get("agreement")
+    if agreement is None:
+        return {}
+    derived: dict[str, Any] = {"acceptance": agreement}
+    latency = metrics.get("latency_ms")
+    if latency is None or full_latency_ms is None:
+        return derived
+    ratio = latency / full_latency_ms if full_latency_ms > 0 else math.nan
+    if not (math.isfinite(ratio) and ratio > 0 and 0 <= agreement <= 1):
+        derived["speedup"] = math.nan
+        return derived
+    lookahead, speedup = best_lookahead(agreement, ratio)
+    derived.update(speedup=speedup, lookahead=lookahead)
+    return derived
 
 
 def check_feasible(space: SearchSpace, costs: CostModel, limits: dict[str, float]) -> None:
@@ -703,7 +767,7 @@ def open_study(
     settings: SearchSettings,
 ) -> tuple[optuna.Study, bool]:
     """Create the study or load it after checking its set-up; (study, created_here)."""
-    directions = ["minimize"] * len(settings.objectives)
+    directions = settings.directions
     # Look first: a failed create would still append to a journal file.
     if study_name not in {s.study_name for s in storage.get_all_studies()}:
         try:
@@ -727,6 +791,14 @@ def open_study(
             f"use another --study name"
         )
     _check_setup(study_name, stored, setup)
+    stored_directions = [d.name.lower() for d in study.directions]
+    if stored_directions != directions:
+        raise SearchError(
+            f"study {study_name!r} was created with the directions "
+            f"{','.join(stored_directions)}, but objectives {','.join(settings.objectives)} "
+            f"need {','.join(directions)}; its trials are not comparable. Use another --study "
+            f"name (or --out directory) for this search; nothing was changed"
+        )
     if study.metric_names is None:  # created by an older mnm
         _name_metrics(study, settings)
     return study, False
@@ -815,6 +887,9 @@ def run_search(
     costs = CostModel(family, latency_model=latency_model, memory_target=memory_target)
     limits = settings.constraints()
     check_feasible(space, costs, limits)
+    warning = _speedup_warning(settings, latency_model)
+    if warning is not None:
+        (on_warning or (lambda message: warnings.warn(message, stacklevel=2)))(warning)
     setup = study_setup(family, space, settings, eval_set, costs)
 
     storage_obj = open_storage(storage, results_dir, on_warning=on_warning)
@@ -875,6 +950,7 @@ def run_search(
             "n_trials": settings.n_trials,
             "objectives": list(settings.objectives),
             "objective_columns": settings.columns,
+            "objective_directions": settings.directions,
             "constraints": limits,
             "fingerprint": family.fingerprint,
             "checkpoint": str(family.path.resolve()) if family.path else None,
@@ -899,6 +975,7 @@ def run_search(
         settings.columns,
         info,
         n_target=n_target,
+        maximise=settings.maximised_columns,
         on_progress=on_progress,
         fast_write_s=_FAST_WRITE_S,
     )
@@ -988,6 +1065,13 @@ def _check_request(
                 f"configuration {seed.label!r} ({','.join(map(str, seed.widths))}) is not in "
                 f"the search space{hint}; widen the space or leave it out"
             )
+    if "speedup" in settings.objectives and latency_model is None:
+        raise SearchError(
+            "the speedup objective needs a latency profile, ideally of decoding (the draft's "
+            "cost relative to the full model's): pass --profile FILE.json (from mnm profile "
+            "--target profiles/cpu-decode.yaml) or --target profiles/cpu-decode.yaml (or use "
+            "--objectives acceptance,params)"
+        )
     if settings.needs_latency and latency_model is None:
         raise SearchError(
             "the latency objective/constraint needs a latency profile: pass --profile FILE.json "
@@ -1000,6 +1084,21 @@ def _check_request(
             f"the latency profile belongs to checkpoint {latency_model.fingerprint}, not to "
             f"{family.fingerprint}; profile this checkpoint with `mnm profile`"
         )
+
+
+def _speedup_warning(settings: SearchSettings, latency_model: LatencyModel | None) -> str | None:
+    """Why predicted speed-ups may mislead: a draft's cost is a decode step's, so a profile
+    of another phase only approximates it (a warning, not an error)."""
+    if "speedup" not in settings.objectives or latency_model is None:
+        return None
+    target = latency_model.target
+    if target.phase == "decode":
+        return None
+    return (
+        f"the speedup objective compares decode steps, but the latency profile was measured "
+        f"for phase {target.phase!r} (target {target.name}); its speed-ups are rough. For "
+        f"better ones profile a decode target: mnm profile --target profiles/cpu-decode.yaml"
+    )
 
 
 class _Objective:
@@ -1052,6 +1151,7 @@ class _Objective:
         known = self.claims.known(trial.params)
         # The sampler may propose a configuration already evaluated: its quality is reused.
         metrics.update(known if known is not None else self._quality(widths, metrics))
+        metrics.update(speculation_metrics(metrics, self.costs.full_latency_ms))
         failure = _failure(metrics, self.columns)
         if failure is not None:
             return self._fail(trial, metrics, failure)
@@ -1114,5 +1214,10 @@ def _torch_version() -> str:
 
 
 def frame_front(frame: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFrame:
-    """Pareto front of a trials frame for objective names (e.g. ("loss", "latency"))."""
-    return pareto_front(frame, [OBJECTIVES[o] for o in objectives])
+    """Pareto front of a trials frame for objective names (e.g. ("loss", "latency"), or
+    ("speedup",): its best trial), each objective in its direction."""
+    return pareto_front(
+        frame,
+        [OBJECTIVES[o] for o in objectives],
+        maximise={OBJECTIVES[o] for o in objectives if o in MAXIMISED},
+    )

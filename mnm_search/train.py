@@ -18,7 +18,7 @@ import re
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ def _model_preset(d_model: int, n_layers: int, n_heads: int, seq: int) -> ModelC
     )
 
 
+GRANULARITY_MODES = ("all", "sample", "mix", "dense")
 PRESETS: dict[str, tuple[ModelConfig, int]] = {
     # name: (model config, batch size)
     "tiny": (_model_preset(32, 2, 2, 32), 8),
@@ -91,10 +92,12 @@ class TrainSettings:
     checkpoint_every: int = 250
     seed: int = 0
     # "all": average every granularity (the paper); "sample": one per step; "mix": all of them
-    # plus one random Mix'n'Match configuration per step.
+    # plus one random Mix'n'Match configuration per step; "dense": no nesting, one width
+    # (the independently trained baseline of the paper's comparisons).
     granularity_mode: str = "all"
     precision: str = "fp32"  # "bf16": CPU/GPU autocast for speed, weights stay fp32
     data: str | None = None  # None: the built-in corpus
+    d_ff: int | None = None  # FFN width; None: the preset's (4 x d_model)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -123,9 +126,17 @@ class TrainSettings:
             raise ConfigError(f"grad_clip must be positive, got {self.grad_clip!r}")
         if self.data is not None and not isinstance(self.data, str):
             raise ConfigError(f"data must be a path string or null, got {self.data!r:.80}")
-        if self.granularity_mode not in ("all", "sample", "mix"):
+        if self.granularity_mode not in GRANULARITY_MODES:
             raise ConfigError(
-                f"granularity_mode must be 'all', 'sample' or 'mix', got {self.granularity_mode!r}"
+                f"granularity_mode must be one of {', '.join(GRANULARITY_MODES)}, "
+                f"got {self.granularity_mode!r}"
+            )
+        if self.d_ff is not None and (not _is_int(self.d_ff) or not 8 <= self.d_ff <= 65536):
+            raise ConfigError(f"d_ff must be an integer in [8, 65536], got {self.d_ff!r:.80}")
+        if self.d_ff is not None and self.granularity_mode != "dense" and self.d_ff % 8:
+            raise ConfigError(
+                f"d_ff={self.d_ff} must be a multiple of 8 for nested training (its "
+                f"granularities are d_ff/8, d_ff/4, d_ff/2, d_ff); or train it dense"
             )
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
@@ -134,7 +145,11 @@ class TrainSettings:
 
     @property
     def model_config(self) -> ModelConfig:
-        return PRESETS[self.preset][0]
+        preset = PRESETS[self.preset][0]
+        d_ff = self.d_ff or preset.d_ff
+        if self.granularity_mode == "dense":  # one width: an ordinary, independently trained LM
+            return replace(preset, d_ff=d_ff, granularities=(d_ff,))
+        return replace(preset, d_ff=d_ff, granularities=(d_ff // 8, d_ff // 4, d_ff // 2, d_ff))
 
     @property
     def effective_batch_size(self) -> int:
@@ -373,7 +388,7 @@ class Trainer:
             (name, [g] * n_layers)
             for name, g in zip(self.config.granularity_names, self.config.granularities)
         ]
-        if self.settings.granularity_mode == "all":
+        if self.settings.granularity_mode in ("all", "dense"):
             return uniform
         generator = torch.Generator().manual_seed(self.settings.seed * 7919 + step)
         if self.settings.granularity_mode == "sample":

@@ -35,6 +35,7 @@ COMMANDS = [
     "export",
     "train",
     "matformerize",
+    "speculate",
     "demo",
 ]
 PASSWORD = "s3cr3t-Pw"

@@ -10,8 +10,8 @@ The checks: a sliced module computes the universal forward at its widths; cached
 equals plain evaluation; parameter counts are exact; an export reloads to the same forward;
 the profiler's JSON has its schema and loads as a latency model; widths round-trip; the
 decoder's steps equal one full forward; greedy speculative decoding with any narrower
-configuration as the draft equals plain greedy decoding; the registry detects each family and names them all
-when it detects none.
+configuration as the draft equals plain greedy decoding; the registry detects each family
+and names them all when it detects none.
 """
 
 from __future__ import annotations

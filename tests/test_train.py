@@ -158,7 +158,11 @@ def test_resume_with_another_preset_is_refused(corpus: Path, tmp_path: Path) -> 
     [
         ("preset", "huge", "preset must be one of tiny, small, default, got 'huge'"),
         ("steps", 0, "steps must be positive, got 0"),
-        ("granularity_mode", "one", "granularity_mode must be 'all', 'sample' or 'mix'"),
+        (
+            "granularity_mode",
+            "one",
+            "granularity_mode must be one of all, sample, mix, dense, got 'one'",
+        ),
         ("precision", "fp8", "precision must be 'fp32' or 'bf16'"),
     ],
 )
@@ -173,3 +177,23 @@ def test_schedule_warms_up_then_decays() -> None:
     assert learning_rate(settings, 9) == pytest.approx(1.0)
     assert learning_rate(settings, 100) == pytest.approx(0.1)
     assert learning_rate(settings, 50) < learning_rate(settings, 20)
+
+
+@pytest.mark.parametrize(
+    ("d_ff", "mode", "granularities"),
+    [(None, "all", (16, 32, 64, 128)), (64, "mix", (8, 16, 32, 64)), (48, "dense", (48,))],
+)
+def test_d_ff_and_dense_training_shape_the_model(
+    d_ff: int | None, mode: str, granularities: tuple[int, ...]
+) -> None:
+    config = TrainSettings(preset="tiny", d_ff=d_ff, granularity_mode=mode).model_config
+    assert config.granularities == granularities and config.d_ff == granularities[-1]
+
+
+@pytest.mark.parametrize(
+    ("d_ff", "mode", "message"),
+    [(4, "dense", r"d_ff must be an integer in \[8, 65536\]"), (60, "all", "multiple of 8")],
+)
+def test_bad_d_ff_names_the_fix(d_ff: int, mode: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainSettings(preset="tiny", d_ff=d_ff, granularity_mode=mode)

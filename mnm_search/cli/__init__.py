@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from mnm_search.cli import _core, _demo, _export, _matformerize, _pareto, _profile, _search
+from mnm_search.cli import (
+    _core,
+    _demo,
+    _export,
+    _matformerize,
+    _pareto,
+    _profile,
+    _search,
+    _speculate,
+)
 from mnm_search.cli._common import set_debug
 from mnm_search.targets import shipped_target_names
 
@@ -95,6 +104,7 @@ for _name, _function in {
     "export": _export.export,
     "train": _core.train,
     "matformerize": _matformerize.matformerize,
+    "speculate": _speculate.speculate,
     "demo": _demo.demo,
 }.items():
     app.command(name=_name, cls=_Command)(_function)

@@ -355,9 +355,19 @@ def train(
         typer.Option(
             "--granularities",
             help="all: average every granularity per step (the paper); sample: one random "
-            "granularity per step; mix: all plus one random Mix'n'Match configuration.",
+            "granularity per step; mix: all plus one random Mix'n'Match configuration; "
+            "dense: no nesting, one FFN width (an independently trained baseline).",
         ),
     ] = "all",
+    d_ff: Annotated[
+        int | None,
+        typer.Option(
+            "--d-ff",
+            min=8,
+            help="FFN width (default: the preset's, 4 x d_model); e.g. --d-ff 128 "
+            "--granularities dense trains a model the size of a uniform S draft.",
+        ),
+    ] = None,
     precision: Annotated[
         str, typer.Option("--precision", help="fp32, or bf16 autocast (faster on CPUs with bf16).")
     ] = "fp32",
@@ -381,6 +391,7 @@ def train(
         granularity_mode=granularity_mode,
         precision=precision,
         data=str(data) if data is not None else None,
+        d_ff=d_ff,
     )
     # Train replaces --out whole at every save: it must not hold the text it reads.
     refuse_overlap(out_dir, {"the --data text": data})

@@ -34,8 +34,11 @@ from mnm_search.cli._pareto import Results
 from mnm_search.cli._profile import load_profile_for
 from mnm_search.errors import ConfigError, ExportError
 from mnm_search.export import (
+    DEFAULT_LOOKAHEAD,
+    Draft,
     ExportReport,
     Member,
+    check_draft_fits,
     check_format,
     export_front,
     export_submodel,
@@ -172,6 +175,16 @@ def _show(reports: list[ExportReport], out_dir: Path, data_name: str) -> None:
     if len(errors) > 1:
         mape = sum(errors) / len(errors)
         out.print(f"latency prediction MAPE over {len(errors)} exports: {mape:.1f}%")
+    spec = reports[0].speculative
+    if spec is not None:
+        rate = spec.get("acceptance_rate")
+        seen = f", acceptance {rate:.2f} on the check's prompt" if rate is not None else ""
+        out.print(
+            f"draft {spec['draft_widths_compact']} (lookahead {spec['lookahead']}) shipped in "
+            f"config.json `speculative`: greedy decoding with it equals plain greedy "
+            f"decoding{seen}",
+            highlight=False,
+        )
     if reports[0].latency_not_measured:
         out.print(f"latency not measured: {reports[0].latency_not_measured}", highlight=False)
     elif reports[0].target and reports[0].measured_ms is not None:
@@ -258,6 +271,22 @@ def export(
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", min=1, help="Evaluate on at most this many tokens.")
     ] = DEFAULT_EVAL_TOKENS,
+    draft: Annotated[
+        str | None,
+        typer.Option(
+            "--draft",
+            help="Ship a self-speculative draft with the export: a narrower configuration of "
+            "the same checkpoint (widths syntax, at most the export's width in every layer), "
+            "recorded as `speculative` in config.json and checked to decode exactly.",
+        ),
+    ] = None,
+    lookahead: Annotated[
+        int | None,
+        typer.Option(
+            "--lookahead",
+            help=f"Tokens the --draft proposes per verification (default {DEFAULT_LOOKAHEAD}).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     step: StepOpt = None,
 ) -> None:
@@ -268,6 +297,10 @@ def export(
     (+ model.onnx), a Llama-architecture one as a transformers-style directory (+ model.onnx
     or model.gguf), a Gemma 3n one as a transformers directory (--format hf).
 
+    With --draft the export ships with a narrower configuration of itself as a draft for
+    self-speculative decoding (`mnm speculate`): greedy decoding with it is checked to equal
+    plain greedy decoding on the written export before anything is published.
+
     Example: mnm export --from results/default --max-latency-ms 5 --out my-model
     """
     if (widths is None) == (from_dir is None):
@@ -276,6 +309,8 @@ def export(
         raise ConfigError(
             "--trial, --max-latency-ms and --all-pareto choose from --from RESULTS_DIR"
         )
+    if lookahead is not None and draft is None:
+        raise ConfigError("--lookahead sets the lookahead of a --draft; give --draft W too")
     results = Results(from_dir) if from_dir is not None else None
     source = _source_path(ckpt, results)
     # Before --force is considered: replacing --out must never delete what the export reads.
@@ -306,6 +341,14 @@ def export(
         )
     for member in members:
         structure.validate_widths(member.widths)
+    shipped = None
+    if draft is not None:
+        shipped = Draft(
+            widths=structure.parse_widths(draft),
+            lookahead=DEFAULT_LOOKAHEAD if lookahead is None else lookahead,
+        )
+        for member in members:  # before the weights are read
+            check_draft_fits(structure, shipped.widths, member)
     family = structure if structure.has_weights else load_family(source, step=step)
     latency_model = _latency_model(profile, results, family)
     measure_on: HardwareTarget
@@ -324,6 +367,7 @@ def export(
         "target": measure_on,
         "provenance": {"results_dir": str(from_dir)} if from_dir is not None else {},
         "overwrite": force,
+        "draft": shipped,
     }
     with export_progress() as on_progress:
         options["on_progress"] = on_progress

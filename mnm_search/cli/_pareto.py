@@ -25,8 +25,15 @@ from mnm_search.config import run_length_widths
 from mnm_search.errors import ConfigError
 from mnm_search.evaluator import perplexity
 from mnm_search.export import finished_trials
-from mnm_search.pareto import PARETO_FILE, RUN_FILE, TRIALS_FILE, pareto_front, read_results
-from mnm_search.plot import COST_AXES, pareto_figure, save_figure, width_heatmap
+from mnm_search.pareto import (
+    PARETO_FILE,
+    RUN_FILE,
+    TRIALS_FILE,
+    objective_maximise,
+    pareto_front,
+    read_results,
+)
+from mnm_search.plot import COST_AXES, pareto_figure, quality_label, save_figure, width_heatmap
 
 LAB_PREFIX = "lab: "  # trial source of MatFormer Lab configurations (set by `mnm search`)
 PLOT_FILE = "pareto.png"
@@ -43,14 +50,21 @@ class Results:
         self.finished = finished_trials(trials, results_dir)
         self.objectives = list(self.run_info.get("objective_columns") or ["loss", "latency_ms"])
         self.objectives = [c for c in self.objectives if c in trials.columns] or ["loss", "params"]
+        # Maximised objectives (speculative acceptance, speed-up); the rest are minimised.
+        self.maximise = objective_maximise(self.run_info, self.objectives)
         costs = [c for c in self.objectives if c in COST_AXES]
         if costs:
             self.cost = costs[0]
         else:
             self.cost = "latency_ms" if _has(trials, "latency_ms") else "params"
-        self.front = pareto_front(trials, self.objectives)
+        # The plot's quality axis: a maximised objective where the search had one (a speed-up
+        # search plots speed-up vs cost), else the loss.
+        self.quality = next((c for c in self.objectives if c in self.maximise), "loss")
+        self.front = pareto_front(trials, self.objectives, maximise=self.maximise)
         if self.front.empty:  # e.g. every finished trial broke a constraint
-            self.front = pareto_front(self.finished.assign(feasible=True), self.objectives)
+            self.front = pareto_front(
+                self.finished.assign(feasible=True), self.objectives, maximise=self.maximise
+            )
         # Display names of widths ("S", "M"... for the native family); none for families
         # whose widths are plain numbers.
         self.names: dict[int, str] = {
@@ -148,10 +162,12 @@ def front_table(results: Results) -> pd.DataFrame:
             "loss": float(row["loss"]),
             "perplexity": perplexity(float(row["loss"])),
         }
-        for column in ("latency_ms", "params", "memory_bytes"):
+        for column in ("latency_ms", "params", "memory_bytes", "acceptance", "speedup"):
             if _has(front, column):
                 value = row[column]
                 data[column] = None if pd.isna(value) else _number(value)
+        if _has(front, "lookahead"):
+            data["lookahead"] = None if pd.isna(row["lookahead"]) else int(row["lookahead"])
         # The gain over the best uniform model that costs no more than this member.
         cost = float(row[results.cost])
         affordable = [
@@ -226,7 +242,9 @@ def write_outputs(
         named=results.named(),
         budget=budget if budget is not None else results.budget,
         target=target,
-        title=f"{study}: validation loss vs {COST_AXES[results.cost][0]}",
+        quality=results.quality,
+        title=f"{study}: {quality_label(results.quality, short=True)} vs "
+        f"{COST_AXES[results.cost][0]}",
     )
     save_figure(figure, plot)
     heatmap = heatmap or results.dir / HEATMAP_FILE
@@ -287,6 +305,14 @@ def print_front(results: Results, table: pd.DataFrame) -> None:
     add_number_column(view, "params")
     if "memory_bytes" in table.columns:
         add_number_column(view, "memory MiB")
+    speculative = [c for c in ("acceptance", "speedup", "lookahead") if c in table.columns]
+    for column in speculative:
+        add_number_column(view, column)
+    if "speedup" in speculative:
+        notes.append(
+            "speedup: predicted self-speculative decoding speed-up with this configuration "
+            "drafting for the full model, at the best lookahead"
+        )
     if "nearest_uniform" in table.columns:
         add_number_column(view, "vs uniform")
         notes.append(
@@ -302,6 +328,14 @@ def print_front(results: Results, table: pd.DataFrame) -> None:
         cells.append(f"{row['params'] / 1e6:.2f}M")
         if "memory_bytes" in table.columns:
             cells.append(f"{row['memory_bytes'] / 2**20:.1f}")
+        for column in speculative:
+            value = row[column]
+            if pd.isna(value):
+                cells.append("-")
+            elif column == "lookahead":
+                cells.append(str(int(value)))
+            else:
+                cells.append(f"{value:.3f}x" if column == "speedup" else f"{value:.4f}")
         if "nearest_uniform" in table.columns and pd.isna(row["nearest_uniform"]):
             cells.append("-")  # no uniform model is this cheap
         elif "nearest_uniform" in table.columns:

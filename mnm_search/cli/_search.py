@@ -37,8 +37,10 @@ from mnm_search.pareto import parse_widths_column
 from mnm_search.redact import redact, url_secrets
 from mnm_search.study import (
     DEFAULT_SAMPLER,
+    MAXIMISED,
     OBJECTIVES,
     SAMPLERS,
+    SINGLE_OBJECTIVES,
     SearchProgress,
     SearchSettings,
     run_search,
@@ -153,7 +155,11 @@ def search(
         str,
         typer.Option(
             "--objectives",
-            help=f"Comma-separated, all minimised: {', '.join(OBJECTIVES)}.",
+            help=f"Comma-separated: {', '.join(OBJECTIVES)}. All are minimised but "
+            f"{' and '.join(sorted(MAXIMISED))} (the configuration as a self-speculative draft "
+            f"of the full model: agreement with it, and the predicted speed-up at the best "
+            f"lookahead; both want a decode profile). {' or '.join(SINGLE_OBJECTIVES)} may "
+            f"stand alone.",
         ),
     ] = "loss,latency",
     data: DataOpt = None,
@@ -266,6 +272,18 @@ def search(
     # is resumed with the profile it measured.
     if family.path is not None:
         refuse_overlap(results_dir, {"the checkpoint": family.path})
+    if (
+        "speedup" in names
+        and profile is None
+        and target is None
+        and not (results_dir / PROFILE_FILE).is_file()
+    ):
+        # The default target profiles prefill; a draft's cost is a decode step's.
+        raise ConfigError(
+            "the speedup objective needs a latency profile, ideally of decoding: pass "
+            "--profile FILE.json (from mnm profile --target profiles/cpu-decode.yaml) or "
+            "--target profiles/cpu-decode.yaml to profile first"
+        )
     latency_model = None
     if settings.needs_latency:
         latency_model = _latency_model(
@@ -319,8 +337,10 @@ def search(
             parts = [f"{event.trials_per_s:.2f} trials/s"]
             if event.n_failed:
                 parts.append(f"{event.n_failed} failed")
-            if event.best_loss is not None:
-                budget = " under the limits" if settings.constraints() else ""
+            budget = " under the limits" if settings.constraints() else ""
+            if event.best_speedup is not None and "speedup" in settings.objectives:
+                parts.append(f"best speed-up{budget} {event.best_speedup:.3f}x")
+            elif event.best_loss is not None:
                 parts.append(f"best loss{budget} {event.best_loss:.4f}")
             if event.hypervolume is not None:
                 parts.append(f"HV {event.hypervolume:.4f}")
@@ -361,9 +381,20 @@ def search(
     front = result.pareto
     columns = [
         c
-        for c in ("loss", "params", "latency_ms", "memory_bytes", "kl", "agreement")
+        for c in (
+            "loss",
+            "params",
+            "latency_ms",
+            "memory_bytes",
+            "kl",
+            "agreement",
+            "acceptance",
+            "speedup",
+            "lookahead",
+        )
         if c in front.columns
     ]
+
     if as_json:
         print_json(
             {
@@ -373,6 +404,7 @@ def search(
                 "n_new": result.n_new,
                 "seconds": round(result.seconds, 3),
                 "objectives": list(settings.objectives),
+                "objective_directions": settings.directions,
                 "pareto": [
                     {
                         "trial": int(row["trial"]),
@@ -385,9 +417,18 @@ def search(
         )
         return
     info = result.run_info
+    caption = f"loss: {loss_label(info.get('data'), info.get('eval_tokens'))}"
+    if "speedup" in columns:
+        caption += (
+            "\nspeedup: predicted self-speculative decoding speed-up with this configuration "
+            "drafting for the full model, at the best lookahead (acceptance: top-1 agreement "
+            "with the full model; draft cost: predicted latency relative to the full model's)"
+        )
+    if "acceptance" in columns and "agreement" in columns:
+        columns.remove("agreement")  # the same numbers, under the objective's name
     table = Table(
         title=f"Pareto front of study {study_name} ({', '.join(settings.objectives)})",
-        caption=f"loss: {loss_label(info.get('data'), info.get('eval_tokens'))}",
+        caption=caption,
     )
     add_number_column(table, "trial")
     table.add_column("widths")
@@ -420,7 +461,7 @@ def _cell(column: str, value: Any) -> str:
     value = _plain(value)
     if value is None:
         return "-"
-    if column in ("params", "memory_bytes"):
+    if column in ("params", "memory_bytes", "lookahead"):
         return f"{int(value):,}"
     if column == "latency_ms":
         return f"{value:.3f}"

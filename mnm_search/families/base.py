@@ -426,6 +426,13 @@ class Family(ABC):
         them against the in-place forward, and return facts for the report
         (`{"verified_max_abs_diff": float, ...}`). `metadata` goes into the export's config."""
 
+    def widths_on_export(self, widths: Sequence[int], exported: Sequence[int]) -> Widths:
+        """A configuration of this checkpoint that is at most `exported` in every layer, as
+        widths of the export of `exported` (what `write_export` wrote, loaded again), e.g. a
+        draft shipped with it. The same list where exports keep every layer (a skipped FFN
+        stays a layer of width 0); a family whose exports drop skipped layers drops them."""
+        return list(widths)
+
     # -- nesting a dense checkpoint (`mnm matformerize`) ---------------------------------
 
     # Importance criteria `matformerize` accepts, the default first; empty: the family's

@@ -1066,6 +1066,10 @@ class Gemma3nFamily(Family):
 
         return write_gemma3n_export(self, directory, widths, fmt=fmt, metadata=metadata)
 
+    def widths_on_export(self, widths: Sequence[int], exported: Sequence[int]) -> list[int]:
+        """An export keeps only the layers `exported` does not skip (0 drops a whole layer)."""
+        return [int(w) for w, kept in zip(widths, exported) if kept]
+
 
 @dataclass(frozen=True, eq=False)
 class _BatchContext:
