@@ -19,7 +19,7 @@ timed() {  # timed NAME COMMAND...: wall time and peak memory into $work/NAME.ti
   local name="$1"
   shift
   /usr/bin/time -f "%e s wall, %M KiB peak RSS" -o "$work/$name.time" "$@"
-  echo "$name: $(cat "$work/$name.time") (load average now: $(cut -d' ' -f1-3 /proc/loadavg))"
+  echo "$name: $(cat "$work/$name.time") (load average now: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
 }
 
 [ -f "$work/decode.json" ] ||
