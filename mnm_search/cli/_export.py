@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from mnm_search.families.base import Family
 
 
-def _source_path(ckpt: Path | None, results: Results | None) -> Path | None:
+def search_source_path(ckpt: Path | None, results: Results | None) -> Path | None:
     """CKPT, else the checkpoint the search ran on (None: the embedded default)."""
     if results is None or ckpt is not None:
         return ckpt
@@ -312,7 +312,7 @@ def export(
     if lookahead is not None and draft is None:
         raise ConfigError("--lookahead sets the lookahead of a --draft; give --draft W too")
     results = Results(from_dir) if from_dir is not None else None
-    source = _source_path(ckpt, results)
+    source = search_source_path(ckpt, results)
     # Before --force is considered: replacing --out must never delete what the export reads.
     refuse_overlap(
         out_dir,

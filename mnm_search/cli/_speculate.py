@@ -26,9 +26,10 @@ from mnm_search.cli._common import (
     progress_bar,
     user_errors,
 )
+from mnm_search.cli._export import check_matches_search, search_source_path
 from mnm_search.cli._pareto import Results, refuse_overwriting_inputs
 from mnm_search.cli._profile import load_profile_for
-from mnm_search.errors import CheckpointError, ConfigError
+from mnm_search.errors import ConfigError
 from mnm_search.families import load_family
 from mnm_search.pareto import parse_widths_column
 from mnm_search.profiler import select_device
@@ -40,30 +41,6 @@ if TYPE_CHECKING:
 DEFAULT_TARGET = "cpu-decode"
 PLOT_FILE = "speculate.png"
 JSON_FILE = "speculate.json"
-
-
-def _source_path(ckpt: Path | None, results: Results | None) -> Path | None:
-    """CKPT, else the checkpoint the search ran on (None: the embedded default)."""
-    if results is None or ckpt is not None:
-        return ckpt
-    searched = results.run_info.get("checkpoint")
-    path = Path(searched) if searched else default_checkpoint_path()
-    if not path.exists():
-        raise CheckpointError(
-            f"{results.dir} was searched on checkpoint {path}, which is no longer there; "
-            f"pass the checkpoint directory as CKPT"
-        )
-    return path
-
-
-def _check_same_checkpoint(family: Family, results: Results) -> None:
-    expected = results.run_info.get("fingerprint")
-    if expected and expected != family.fingerprint:
-        source = family.path or "the embedded default checkpoint"
-        raise ConfigError(
-            f"{results.dir} was searched on checkpoint {expected}, but {source} is "
-            f"{family.fingerprint}; its front is not a set of drafts of this checkpoint"
-        )
 
 
 def _candidates(
@@ -356,7 +333,7 @@ def speculate(
     results = Results(from_dir) if from_dir is not None else None
     if results is not None and step is None:
         step = results.run_info.get("step")  # the front's widths were chosen with this step
-    source = _source_path(ckpt, results)
+    source = search_source_path(ckpt, results)
     if plot is None and from_dir is not None:
         plot = from_dir / PLOT_FILE
     _check_figure_path(
@@ -375,7 +352,7 @@ def speculate(
     # weights are read.
     structure = load_family(source, weights=False, step=step)
     if results is not None:
-        _check_same_checkpoint(structure, results)
+        check_matches_search(structure, results)
     candidates, shipped_lookahead = _candidates(structure, draft, results)
     if not candidates:
         raise ConfigError(
