@@ -50,6 +50,7 @@ class SearchProgress:
     n_failed: int = 0  # trials whose evaluation gave a non-finite value (count to the budget)
     failure: str | None = None  # why the latest failed trial failed, when it is new
     best_speedup: float | None = None  # best feasible predicted speculative speed-up so far
+    stage: str | None = None  # what an enumeration is doing, e.g. "racing, chunk 1 812/4096"
 
 
 def trials_frame(
@@ -184,19 +185,59 @@ class ResultsSink:
         return write_results(self.results_dir, frame, self.columns, info, maximise=self.maximise)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        finished = trial.state in (TrialState.COMPLETE, TrialState.FAIL)  # not a surplus claim
+        self._report(study, self._count(trial), in_optimize=True, decided=finished)
+
+    def after_trials(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
+        """`after_trial` for trials added in one batch, outside `study.optimize` (an
+        enumeration decides many configurations at once)."""
+        reasons = [self._count(trial) for trial in trials]
+        reason = next((r for r in reversed(reasons) if r), None)
+        self._report(study, reason, in_optimize=False, decided=True)
+
+    def stage(self, study: optuna.Study, text: str) -> None:
+        """Progress of work that decides no trial yet (an enumeration's pass)."""
+        if self.on_progress is None or time.monotonic() - self.last_progress < 1:
+            return
+        self.last_progress = time.monotonic()
+        n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        self.on_progress(
+            SearchProgress(
+                n_complete=n_done,
+                n_target=self.n_target,
+                n_new=self.n_new,
+                trials_per_s=self.n_new / max(time.monotonic() - self.started, 1e-9),
+                best_loss=None,
+                hypervolume=None,
+                stage=text,
+            )
+        )
+
+    def _count(self, trial: FrozenTrial) -> str | None:
+        """Count a finished trial; the reason it failed, if it did."""
         reason = trial.user_attrs.get(FAIL_ATTR) if trial.state == TrialState.FAIL else None
         if trial.state == TrialState.COMPLETE:
             self.n_new += 1
             self.consecutive_failures = 0
         elif reason is not None:
             self.consecutive_failures += 1
+        return reason
+
+    def _report(
+        self, study: optuna.Study, reason: str | None, *, in_optimize: bool, decided: bool
+    ) -> None:
         trials = study.get_trials(deepcopy=False)
         n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
         n_failed = sum(eval_failed(t) for t in trials)
         finished = n_complete + n_failed >= self.n_target
-        if finished:
+        # Study.stop works only inside optimize; an enumeration ends by itself.
+        if finished and in_optimize:
             study.stop()
-        if n_complete == 0 and self.consecutive_failures >= MAX_FAILURES_WITHOUT_SUCCESS:
+        if (
+            in_optimize
+            and n_complete == 0
+            and self.consecutive_failures >= MAX_FAILURES_WITHOUT_SUCCESS
+        ):
             study.stop()  # run_search raises once the files are written
         new_failure = reason if reason is not None and reason not in self.failures_seen else None
         if new_failure is not None:
@@ -205,7 +246,7 @@ class ResultsSink:
         show = self.on_progress is not None and (
             now - self.last_progress > 1 or finished or new_failure is not None
         )
-        due = trial.state in (TrialState.COMPLETE, TrialState.FAIL) and (
+        due = decided and (
             self.write_seconds < self.fast_write_s
             or now - self.last_write >= 10 * self.write_seconds
         )

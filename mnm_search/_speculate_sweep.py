@@ -35,6 +35,7 @@ import torch
 
 from mnm_search.errors import CheckpointError, ConfigError, DataError, MnmError, WidthsError
 from mnm_search.families.base import Decoder
+from mnm_search.options import DEFAULT_N_PROMPTS, DEFAULT_PROMPT_TOKENS
 from mnm_search.profiler import Clock, pinned_threads, select_device
 from mnm_search.speculative import (
     MAX_LOOKAHEAD,
@@ -51,9 +52,6 @@ if TYPE_CHECKING:
     from mnm_search.latency import LatencyModel
     from mnm_search.targets import HardwareTarget
 
-DEFAULT_LOOKAHEADS = (1, 2, 3, 4, 6, 8)
-DEFAULT_PROMPT_TOKENS = 64
-DEFAULT_N_PROMPTS = 8
 SHIPPED_KEY = "speculative"  # config.json key that `mnm export --draft` writes
 # Rounds of the verification timing: single steps are short and noisy, and cheap (one
 # step each), so take many.

@@ -52,6 +52,7 @@ from mnm_search.data import EvalSet
 from mnm_search.errors import ConfigError, DeviceError, ExportError, MnmError
 from mnm_search.evaluator import evaluate_loss, perplexity
 from mnm_search.latency import LatencyModel
+from mnm_search.options import DEFAULT_LOOKAHEAD
 from mnm_search.targets import HardwareTarget
 
 if TYPE_CHECKING:
@@ -62,7 +63,6 @@ CARD_FILE = "README.md"
 DEFAULT_METADATA_FILE = "config.json"
 CONFIG_FILE = "config.json"  # every family's export has one; the draft block goes there
 SPECULATIVE_KEY = "speculative"  # config.json: {"draft_widths": [...], "lookahead": K}
-DEFAULT_LOOKAHEAD = 4
 DRAFT_CHECK_TOKENS = 8  # new tokens decoded to check a shipped draft
 DRAFT_PROMPT_TOKENS = 16
 DRAFT_PROMPT_TEXT = "The quick brown fox jumps over the lazy dog. "  # without an eval set

@@ -31,7 +31,10 @@ from mnm_search.errors import ConfigError, ProfileError, WidthsError
 from mnm_search.targets import HardwareTarget, hardware_differences, machine_facts
 
 PROFILE_FORMAT = "mnm-latency-profile"
-PROFILE_VERSION = 1
+# 2: end-to-end timings in steady state, the second validation pass corrected for drift by a
+# reference configuration, and the `fresh_validation` and `drift` blocks. A version-1 profile
+# loads as it is (the latency model's fields did not change); it lacks those blocks.
+PROFILE_VERSION = 2
 FEATURES = ("constant", "ffn_table_ms", "ffn_width_fraction")
 # A profile of a 4096-layer model with a dozen widths is a few MB; far bigger is not ours.
 MAX_PROFILE_BYTES = 64 * 1024 * 1024
@@ -188,6 +191,20 @@ class LatencyModel:
 
         coef, _ = nnls(x / y[:, None], np.ones_like(y))
         self.coefficients = [float(c) for c in coef]
+        return self
+
+    def rescale(self, factor: float) -> LatencyModel:
+        """Multiply every prediction by `factor` (> 0); sets and returns self.
+
+        The profile puts its in-process fit on the scale of exported models timed in fresh
+        processes this way: one factor, so the coefficients stay >= 0 and their ratios (what
+        the fit learned about the configurations) stay as fitted.
+        """
+        factor = _number("factor", factor)
+        if not factor > 0:
+            raise ProfileError(f"a latency scale factor must be > 0, got {factor!r}")
+        base = self.coefficients if self.coefficients is not None else [self.fixed_ms, 1.0, 0.0]
+        self.coefficients = [float(c) * factor for c in base]
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import pandas as pd
 
 from mnm_search._files import atomic_write_text, json_text
 from mnm_search.errors import MnmError
+from mnm_search.options import MAXIMISED_COLUMNS
 
 TRIALS_FILE = "trials.csv"
 PARETO_FILE = "pareto.csv"
@@ -45,8 +46,6 @@ METRIC_COLUMNS = (
     "speedup",
     "lookahead",
 )
-# Result columns where higher is better; every other objective column is minimised.
-MAXIMISED_COLUMNS = frozenset({"acceptance", "speedup"})
 DIRECTIONS = ("minimize", "maximize")  # Optuna's spelling, as run.json records them
 _NUMERIC_COLUMNS = (*METRIC_COLUMNS, "seconds")
 _STATES = ("COMPLETE", "FAIL", "PRUNED", "RUNNING", "WAITING")
@@ -72,22 +71,19 @@ def _usable(df: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFrame:
 def pareto_mask(points: np.ndarray) -> np.ndarray:
     """Boolean mask of the non-dominated rows of `points` [n, k] (minimising every column).
 
-    Of several identical points only the first is kept.
+    Of several identical points only the first is kept. Rows are visited in lexicographic
+    order, where whatever dominates (or repeats) a point comes before it; by transitivity some
+    kept point then dominates it too, so each point is checked against the front found so far
+    only: O(n * front) instead of O(n^2) (an enumerated study has thousands of trials).
     """
-    n = points.shape[0]
-    keep = np.ones(n, dtype=bool)
-    for i in range(n):
-        if not keep[i]:
+    keep = np.zeros(points.shape[0], dtype=bool)
+    front = np.empty((0, points.shape[1]), dtype=points.dtype)
+    # lexsort sorts by its last key first, and stably: equal points keep their row order.
+    for i in np.lexsort(points.T[::-1]):
+        if np.all(front <= points[i], axis=1).any():  # dominated by, or equal to, a kept one
             continue
-        others = points[keep]
-        dominated = np.all(others <= points[i], axis=1) & np.any(others < points[i], axis=1)
-        if dominated.any():
-            keep[i] = False
-            continue
-        # Drop later duplicates of this point so the front lists each point once.
-        same = np.all(points == points[i], axis=1)
-        same[: i + 1] = False
-        keep &= ~same
+        keep[i] = True
+        front = np.vstack([front, points[i]])
     return keep
 
 

@@ -18,6 +18,7 @@ end (export's measured latency).
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import random
 import statistics
@@ -29,10 +30,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from mnm_search._files import atomic_write_text
-from mnm_search.errors import DeviceError, ProfileError
+from mnm_search.errors import ConfigError, DeviceError, MnmError, ProfileError
 from mnm_search.latency import (
     PROFILE_FORMAT,
     PROFILE_VERSION,
@@ -155,14 +157,32 @@ def time_interleaved(
     warmup: int,
     seed: int = 0,
     on_round: Callable[[int], None] | None = None,
+    settle: int = 1,
+    block: int = 1,
 ) -> list[TimingStats]:
-    """Median timings of every callable, the repeats interleaved in a shuffled order per round."""
+    """Median timings of every callable, the repeats interleaved in a shuffled order per round.
+
+    Each round runs every callable in turn: `settle` untimed calls, then `block` timed calls
+    back to back (the last round fewer, so each gets `repeats` samples). `on_round` receives
+    the samples taken per callable so far after each round.
+    """
+    if settle < 0 or block < 1:
+        raise ValueError(f"need settle >= 0 and block >= 1, got settle={settle}, block={block}")
     clock = Clock(device)
     rng = random.Random(seed)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside a timed call is noise, as in timeit
     try:
-        return _time_rounds(fns, clock, rng, repeats=repeats, warmup=warmup, on_round=on_round)
+        return _time_rounds(
+            fns,
+            clock,
+            rng,
+            repeats=repeats,
+            warmup=warmup,
+            settle=settle,
+            block=block,
+            on_round=on_round,
+        )
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -175,6 +195,8 @@ def _time_rounds(
     *,
     repeats: int,
     warmup: int,
+    settle: int,
+    block: int,
     on_round: Callable[[int], None] | None,
 ) -> list[TimingStats]:
     with torch.inference_mode():
@@ -183,19 +205,39 @@ def _time_rounds(
                 fn()
         clock.synchronize()
         samples: list[list[float]] = [[] for _ in fns]
-        for round_index in range(repeats):
+        done = 0
+        while done < repeats:
+            timed = min(block, repeats - done)
             order = list(range(len(fns)))
             rng.shuffle(order)
             for i in order:
-                fns[i]()  # untimed: the timed call then finds its own weights in cache
-                samples[i].append(clock.time_ms(fns[i]))
+                for _ in range(settle):  # untimed: the timed calls find their state warm
+                    fns[i]()
+                samples[i] += [clock.time_ms(fns[i]) for _ in range(timed)]
+            done += timed
             if on_round is not None:
-                on_round(round_index + 1)
+                on_round(done)
     return [TimingStats.from_samples(s) for s in samples]
 
 
+# End-to-end timings run in the steady state a deployment reaches after its warm-up: every
+# configuration, in each of (at most) this many interleaved rounds, gets `target.warmup`
+# untimed calls and then a block of timed ones. One untimed call before each timed one (the
+# table's way) is not enough: on a 2-core EPYC a decode step measured that way took 1.2-1.7x
+# its time after five calls in a row, which is what an exported model in its own process runs.
+STEADY_ROUNDS = 5
+
+
+def steady_blocks(target: HardwareTarget, repeats: int) -> dict[str, int]:
+    """`settle` and `block` of `time_interleaved` for end-to-end timings on `target`."""
+    rounds = min(repeats, STEADY_ROUNDS)
+    return {"settle": max(1, target.warmup), "block": -(-repeats // rounds)}
+
+
 # Stage names of the progress events, in order (`on_progress` receives them; the CLI shows them).
-STAGES = ("per-layer table", "calibration", "validation pass 1/2", "validation pass 2/2")
+STAGES = ("per-layer table", "calibration + validation pass 1/2", "validation pass 2/2")
+# The last, optional stage: progress counts exported configurations timed, not rounds.
+FRESH_STAGE = "fresh processes"
 # Held-out configurations below this many say nothing about a latency model.
 MIN_VALIDATION = 3
 
@@ -278,7 +320,8 @@ def _measure(
     seed: int,
     on_round: Callable[[int], None] | None,
 ) -> list[TimingStats]:
-    """End-to-end latency of each configuration at the target's phase, interleaved."""
+    """End-to-end latency of each configuration at the target's phase, interleaved, each
+    timed in its steady state (`steady_blocks`)."""
     return time_interleaved(
         [probe.runner(widths) for widths in configs],
         device=device,
@@ -286,6 +329,7 @@ def _measure(
         warmup=max(1, target.warmup),  # the first call of a fresh model is never representative
         seed=seed,
         on_round=on_round,
+        **steady_blocks(target, repeats),
     )
 
 
@@ -324,21 +368,39 @@ def profile(
     allow_skip: bool = True,
     on_progress: ProgressFn | None = None,
     extra_widths: Sequence[int] = (),
+    fresh: int = 0,
+    fresh_per_process: int | None = None,
 ) -> dict[str, Any]:
     """Measure, calibrate and validate a latency model of `family` on `target`.
 
     Stages: (1) the family's probe times its fixed costs and every layer at every table width
-    in isolation; (2) end-to-end latencies of the anchor configurations and a spread sample
-    calibrate the `LatencyModel`; (3) a held-out sample is measured in two independent passes,
-    for the accuracy next to the noise floor. Put the family on the target first
-    (`family.prepare_for_target(target)`).
+    in isolation; (2) the anchor configurations and a spread sample, which calibrate the
+    `LatencyModel`, are timed end to end in the same interleaved rounds as a held-out sample
+    and a reference configuration (the full model); (3) the held-out sample and the reference
+    are timed again, for the noise floor, and this second pass is corrected for drift by the
+    reference (its time in pass 2 vs pass 1); (4) with `fresh` > 0, that many other held-out
+    configurations are exported and timed each in its own new Python process, loaded with
+    `load_model` as a deployment does (`mnm_search._fresh_process`), the reference re-timed
+    the same way between them; the `fresh_validation` block reports how well the predictions
+    hold there. Put the family on the target first (`family.prepare_for_target(target)`).
 
     `quick` trims repeats and sample sizes for a first look (about 4x faster). `allow_skip`
     lets sampled configurations drop layers (off when the search keeps every layer).
     `extra_widths` are measured in the table besides the family's own widths (where the
-    family's probe supports it). `on_progress` receives `{"stage", "done", "total"}` events
-    (stages in `STAGES`). Returns the profile JSON as a dict; write it with `write_profile`.
+    family's probe supports it). `fresh_per_process` times that many exports per child
+    process, one after another (1: the deployment's way, a process each; None: the
+    reference and the configurations up to its next re-timing, `FRESH_REFERENCE_EVERY` + 1,
+    which measured the same within the noise at a quarter of the start-ups).
+    `on_progress` receives `{"stage", "done", "total"}` events (stages in `STAGES`, then
+    `FRESH_STAGE`). Returns the profile JSON as a dict; write it with `write_profile`.
     """
+    if fresh_per_process is None:
+        fresh_per_process = FRESH_REFERENCE_EVERY + 1
+    if fresh < 0 or fresh_per_process < 1:
+        raise ConfigError(
+            f"fresh must be >= 0 and fresh_per_process >= 1, got fresh={fresh}, "
+            f"fresh_per_process={fresh_per_process}"
+        )
     device = select_device(target.device)
     facts = machine_facts(target)
     repeats = max(5, target.repeats // 2) if quick else target.repeats
@@ -347,6 +409,7 @@ def profile(
     warmup = max(1, target.warmup)
     rng = random.Random(target.seed)
     started = time.perf_counter()
+    reference = [int(w) for w in family.full_widths()]
 
     with pinned_threads(target.threads), torch.inference_mode():
         probe = family.latency_probe(target, device)
@@ -369,25 +432,13 @@ def profile(
             fixed_ms=max(0.0, table.fixed_ms),
         )
 
-        # 2. Calibration on end-to-end latencies: the anchors (uniform models, and what else
-        # the family needs pinned down) first, then a sample spread from small to large.
+        # 2. Calibration (the anchors: uniform models and what else the family needs pinned
+        # down, then a sample spread from small to large) and the held-out sample, timed in
+        # the same rounds so that both see the same machine; the reference joins them.
         anchors = [list(w) for w in probe.anchors(allow_skip=allow_skip)]
         calibration = anchors + probe.sample(
             max(0, n_calibration - len(anchors)), rng, allow_skip=allow_skip, exclude=anchors
         )
-        stage = _Stage(on_progress, STAGES[1], repeats)
-        calibration_stats = _measure(
-            probe,
-            target,
-            device,
-            calibration,
-            repeats=repeats,
-            seed=target.seed + 1,
-            on_round=stage,
-        )
-        latency.fit([(w, s.median_ms) for w, s in zip(calibration, calibration_stats)])
-
-        # 3. Held-out validation, measured in two independent passes for the noise floor.
         validation = probe.sample(n_validation, rng, allow_skip=allow_skip, exclude=calibration)
         if len(validation) < MIN_VALIDATION:
             raise ProfileError(
@@ -395,22 +446,63 @@ def profile(
                 f"validation after {len(calibration)} calibration ones; lower the target's "
                 f"'calibration' ({target.calibration}) or profile a model with more choices"
             )
-        passes = []
-        for index in (1, 2):
-            stage = _Stage(on_progress, STAGES[1 + index], repeats)
-            passes.append(
-                _measure(
-                    probe,
-                    target,
-                    device,
-                    validation,
-                    repeats=repeats,
-                    seed=target.seed + 1 + index,
-                    on_round=stage,
-                )
-            )
+        stage = _Stage(on_progress, STAGES[1], repeats)
+        first = _measure(
+            probe,
+            target,
+            device,
+            [*calibration, *validation, reference],
+            repeats=repeats,
+            seed=target.seed + 1,
+            on_round=stage,
+        )
+        calibration_stats = first[: len(calibration)]
+        latency.fit([(w, s.median_ms) for w, s in zip(calibration, calibration_stats)])
 
+        # 3. The held-out sample again, for the noise floor, with the reference.
+        stage = _Stage(on_progress, STAGES[2], repeats)
+        second = _measure(
+            probe,
+            target,
+            device,
+            [*validation, reference],
+            repeats=repeats,
+            seed=target.seed + 2,
+            on_round=stage,
+        )
+    references = [first[-1].median_ms, second[-1].median_ms]
+    # The machine may have sped up or slowed down between the passes; the reference says by
+    # how much, and pass 2 is put back on pass 1's (the calibration's) scale.
+    factor = references[0] / references[1]
+    passes = [first[len(calibration) : -1], [_scaled(s, factor) for s in second[:-1]]]
     validation_result = validation_block(latency, validation, passes)
+    calibration_result = calibration_block(latency, calibration, calibration_stats)
+    drift = {
+        "reference_widths": reference,
+        "reference_ms": dict(zip(STAGES[1:], (round(ms, 6) for ms in references))),
+        "pass2_factor": round(factor, 6),
+        "definition": "pass 2 timings are multiplied by pass2_factor, the reference's "
+        "pass-1 time over its pass-2 time, before the noise floor and the pooled median",
+    }
+    if fresh:
+        held_out = [*calibration, *validation, reference]
+        fresh_configs = probe.sample(fresh, rng, allow_skip=allow_skip, exclude=held_out)
+        fresh_result = validate_in_fresh_processes(
+            family,
+            target,
+            latency,
+            fresh_configs,
+            reference=reference,
+            reference_in_process_ms=references[0],
+            warmup=warmup,
+            runs=2 * repeats,  # as many samples as both in-process passes together
+            per_process=fresh_per_process,
+            on_progress=on_progress,
+        )
+    else:
+        fresh_result = {"n": 0, "skipped": "not requested (fresh=0)"}
+    # Apart from the in-process `warnings`, which say whether the model is usable at all.
+    fresh_result["warnings"] = fresh_validation_warnings(fresh_result)
     return _json_safe(
         {
             "format": PROFILE_FORMAT,
@@ -433,6 +525,11 @@ def profile(
                 "warmup": warmup,
                 "interleaved": True,
                 "rewarm_before_each_sample": True,
+                "end_to_end": {
+                    **steady_blocks(target, repeats),
+                    "meaning": "each round runs every configuration `settle` times untimed, "
+                    "then `block` timed calls back to back (its steady state)",
+                },
                 "clock": "cuda events + synchronize" if device.type == "cuda" else "perf_counter",
                 "allow_skip": allow_skip,
                 **probe.timing_info(),
@@ -450,13 +547,58 @@ def profile(
                 "adjacent violators)",
                 **table.extra,
             },
-            "latency_model": latency.to_dict(),
-            "calibration": calibration_block(latency, calibration, calibration_stats),
+            "latency_model": {
+                **latency.to_dict(),
+                # 1: predictions as fitted in this process (no fresh-process timing).
+                "fresh_scale": fresh_result.get("fresh_scale", 1.0),
+            },
+            "calibration": calibration_result,
             "validation": validation_result,
+            "fresh_validation": fresh_result,
+            "drift": drift,
             "warnings": latency_model_warnings(validation_result),
             **probe.extra_blocks(),
         }
     )
+
+
+def _scaled(stats: TimingStats, factor: float) -> TimingStats:
+    return TimingStats.from_samples([ms * factor for ms in stats.samples_ms])
+
+
+def drift_corrected(
+    measured_ms: Sequence[float],
+    *,
+    at: Sequence[float],
+    reference_at: Sequence[float],
+    reference_ms: Sequence[float],
+) -> list[float]:
+    """Timings taken while the machine drifted, put on one scale by a reference configuration
+    re-timed through the session: each divided by the reference's time when it was taken
+    (linear between the reference's timings, flat beyond them) and multiplied by the
+    reference's median. `at` and `reference_at` are when (any increasing clock, e.g. the
+    order of measurement)."""
+    if not reference_ms or len(reference_at) != len(reference_ms) or len(at) != len(measured_ms):
+        raise ValueError("need one time per measurement and at least one reference timing")
+    if any(b <= a for a, b in itertools.pairwise(reference_at)):
+        raise ValueError(f"reference_at must increase, got {list(reference_at)}")
+    level = statistics.median(reference_ms)
+    at_reference = np.interp(at, reference_at, reference_ms)
+    return [float(ms * level / ref) for ms, ref in zip(measured_ms, at_reference)]
+
+
+def with_reference(
+    configs: Sequence[Sequence[int]], reference: Sequence[int], *, every: int
+) -> tuple[list[list[int]], list[int]]:
+    """`configs` with `reference` before the first, after every `every` and after the last;
+    and the reference's positions in that sequence."""
+    sequence: list[list[int]] = [list(reference)]
+    positions = [0]
+    for start in range(0, len(configs), every):
+        sequence += [list(c) for c in configs[start : start + every]]
+        positions.append(len(sequence))
+        sequence.append(list(reference))
+    return sequence, positions
 
 
 def calibration_block(
@@ -504,9 +646,11 @@ def validation_block(
             "mape_pct": noise["mape_pct"],
             "spearman": noise["spearman"],
             "max_abs_pct_err": noise["max_abs_pct_err"],
-            "definition": "pass 2 vs pass 1 median of the same configurations, as MAPE",
+            "definition": "pass 2 vs pass 1 median of the same configurations, as MAPE "
+            "(pass 2 corrected for drift by the reference)",
         },
         "measured": "median of both passes' samples",
+        "predicted": "by the in-process fit (before any fresh-process scale)",
         "samples": [
             {
                 "widths": list(w),
@@ -549,6 +693,178 @@ def latency_model_warnings(validation: dict[str, Any]) -> list[str]:
         problems.append(
             f"Spearman {spearman:.2f} < {MIN_SPEARMAN}: the model does not rank configurations "
             f"by speed the way the measurements do"
+        )
+    return problems
+
+
+# The fresh-process stage re-times the reference after every this many configurations.
+FRESH_REFERENCE_EVERY = 4
+
+
+def validate_in_fresh_processes(
+    family: Family,
+    target: HardwareTarget,
+    latency: LatencyModel,
+    configs: Sequence[Sequence[int]],
+    *,
+    reference: Sequence[int],
+    reference_in_process_ms: float,
+    warmup: int,
+    runs: int,
+    per_process: int = 1,
+    calibrate: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """The profile's fresh-process validation block: `configs` exported and each timed in
+    its own new process (`mnm_search._fresh_process.measure_fresh`), the reference re-timed
+    the same way before, between and after them.
+
+    With `calibrate`, `latency` is rescaled to the deployed timings (`fresh_scale`: the
+    median over the reference and the configurations of deployed over profiled time), which
+    corrects whatever sets the two apart (the machine since profiling, a process holding one
+    model instead of dozens) with one factor. Each configuration is then validated with the
+    factor from all the other timings (leave one out), so none is predicted from its own
+    measurement. The block reports predicted vs measured as timed and corrected for drift
+    by the reference, and the in-process fit's own accuracy there. A failure to time them
+    (e.g. a family that a fresh interpreter cannot load) is reported in the block, not
+    raised: the in-process profile stands on its own.
+    """
+    from mnm_search._fresh_process import measure_fresh
+
+    if not configs:
+        return {
+            "n": 0,
+            "skipped": "no configuration left that calibration and validation did not use",
+        }
+    sequence, reference_at = with_reference(configs, reference, every=FRESH_REFERENCE_EVERY)
+    stage = _Stage(on_progress, FRESH_STAGE, len(sequence))
+    started = time.perf_counter()
+    try:
+        stats = measure_fresh(
+            family,
+            target,
+            sequence,
+            warmup=warmup,
+            runs=runs,
+            per_process=per_process,
+            on_done=stage,
+        )
+    except MnmError as exc:
+        return {"n": 0, "error": str(exc)}
+    seconds = time.perf_counter() - started
+    reference_ms = [stats[i].median_ms for i in reference_at]
+    level = statistics.median(reference_ms)
+    measured = [stats[i] for i in range(len(sequence)) if i not in set(reference_at)]
+    in_process = [latency.predict_ms(w) for w in configs]
+    # Deployed over profiled time, for the reference (as measured in this process) and for
+    # every configuration (as the fit predicts it); their median is robust to one slow
+    # process. Each held-out configuration is predicted with the median of the others'.
+    ratios = [ms / reference_in_process_ms for ms in reference_ms]
+    ratios += [s.median_ms / p for s, p in zip(measured, in_process)]
+    others = [
+        ratios[: len(reference_ms) + i] + ratios[len(reference_ms) + i + 1 :]
+        for i in range(len(configs))
+    ]
+    scale = statistics.median(ratios) if calibrate else 1.0
+    latency.rescale(scale)
+    block = fresh_validation_block(
+        configs,
+        measured,
+        predicted=[
+            p * (statistics.median(rest) if calibrate else 1.0)
+            for p, rest in zip(in_process, others)
+        ],
+        in_process_predicted=in_process,
+        reference_ms=reference_ms,
+        reference_at=reference_at,
+    )
+    spread = validation_metrics(reference_ms, [level] * len(reference_ms))
+    one_each = per_process == 1
+    return {
+        **block,
+        "fresh_scale": round(scale, 6),
+        "noise_floor": {
+            "mape_pct": spread["mape_pct"],
+            "max_abs_pct_err": spread["max_abs_pct_err"],
+            "n": len(reference_ms),
+            "definition": "the reference timed in that many fresh processes through this "
+            "stage, each vs their median, as MAPE",
+        },
+        "reference": {
+            "widths": list(reference),
+            "measured_ms": [round(ms, 6) for ms in reference_ms],
+            "in_process_ms": round(reference_in_process_ms, 6),
+            "fresh_over_in_process": round(level / reference_in_process_ms, 6),
+        },
+        "protocol": {
+            "process": (
+                "one new Python process per configuration"
+                if one_each
+                else f"{per_process} configurations per new Python process, one after another"
+            )
+            + ": exported with the family's write_export, loaded with load_model, threads "
+            "pinned as the target says",
+            "per_process": per_process,
+            "warmup": warmup,
+            "runs": runs,
+            "statistic": "median of the runs, back to back after the warm-up",
+            "reference_every": FRESH_REFERENCE_EVERY,
+            "calibrated": calibrate,
+        },
+        "seconds": round(seconds, 2),
+    }
+
+
+def fresh_validation_block(
+    configs: Sequence[Sequence[int]],
+    measured: Sequence[TimingStats],
+    *,
+    predicted: Sequence[float],
+    in_process_predicted: Sequence[float],
+    reference_ms: Sequence[float],
+    reference_at: Sequence[int],
+) -> dict[str, Any]:
+    """Metrics and samples of configurations timed in fresh processes: as timed, corrected
+    for drift by the reference (timed at `reference_at` in the same sequence), and as the
+    in-process fit alone (before the fresh-process scale) predicts them."""
+    at = [i for i in range(len(configs) + len(reference_at)) if i not in set(reference_at)]
+    timed = [s.median_ms for s in measured]
+    corrected = drift_corrected(timed, at=at, reference_at=reference_at, reference_ms=reference_ms)
+    return {
+        **validation_metrics(timed, predicted),
+        "drift_corrected": validation_metrics(corrected, predicted),
+        "in_process_fit": validation_metrics(timed, in_process_predicted),
+        "samples": [
+            {
+                "widths": list(w),
+                "measured_ms": round(s.median_ms, 6),
+                "drift_corrected_ms": round(c, 6),
+                "predicted_ms": round(p, 6),  # scaled by the others' factor
+                "in_process_fit_ms": round(q, 6),
+                "p10_ms": round(s.p10_ms, 6),
+                "p90_ms": round(s.p90_ms, 6),
+            }
+            for w, s, c, p, q in zip(configs, measured, corrected, predicted, in_process_predicted)
+        ],
+    }
+
+
+def fresh_validation_warnings(fresh: dict[str, Any]) -> list[str]:
+    """Why the fresh-process validation says not to trust the predictions in deployment."""
+    if fresh.get("error"):
+        return [f"the fresh-process validation failed: {fresh['error']}"]
+    problems: list[str] = []
+    mape = fresh.get("mape_pct")
+    if mape is not None and mape > MAX_MAPE_PCT:
+        problems.append(
+            f"fresh-process MAPE {mape:.1f} % > {MAX_MAPE_PCT:.0f} %: exported models timed "
+            f"in their own processes ran that far from the predictions"
+        )
+    spearman = fresh.get("spearman")
+    if spearman is not None and spearman < MIN_SPEARMAN:
+        problems.append(
+            f"fresh-process Spearman {spearman:.2f} < {MIN_SPEARMAN}: exported models in "
+            f"their own processes do not rank as predicted"
         )
     return problems
 

@@ -28,21 +28,31 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
 from optuna.distributions import CategoricalDistribution
+from optuna.samplers._base import _CONSTRAINTS_KEY  # where Optuna keeps trial constraints
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
+from mnm_search._enumerate import (
+    FIRST_CHUNK_TOKENS,
+    Decision,
+    Enumeration,
+    Strategy,
+    estimate_strategy,
+    seconds_per_layer_pass,
+)
 from mnm_search._files import atomic_write_bytes
 from mnm_search._results import (
     ResultsSink,
@@ -58,12 +68,20 @@ from mnm_search._trials import (
     TrialClaims,
     fail_dead_trials,
     fail_running,
+    trial_metrics,
 )
 from mnm_search.data import EvalSet
 from mnm_search.errors import ConfigError, SearchError
 from mnm_search.evaluator import CachedEvaluator, eval_subset
 from mnm_search.families.base import Family, SeedConfig
-from mnm_search.pareto import MAXIMISED_COLUMNS, pareto_front
+from mnm_search.options import (
+    DEFAULT_SAMPLER,
+    MAXIMISED,
+    OBJECTIVES,
+    SAMPLERS,
+    SINGLE_OBJECTIVES,
+)
+from mnm_search.pareto import pareto_front
 from mnm_search.redact import redact, url_secrets
 from mnm_search.space import SearchSpace, param_name
 from mnm_search.speculative import best_lookahead
@@ -93,26 +111,8 @@ __all__ = [
     "trials_frame",
 ]
 
-# objective name -> result column
-OBJECTIVES = {
-    "loss": "loss",
-    "latency": "latency_ms",
-    "params": "params",
-    "memory": "memory_bytes",
-    "kl": "kl",
-    "disagreement": "disagreement",
-    # Self-speculative decoding with the configuration as the draft of the full model:
-    # top-1 agreement with the full model (a proxy of the greedy acceptance rate), and the
-    # predicted speed-up at the best lookahead (`speculative.best_lookahead`).
-    "acceptance": "acceptance",
-    "speedup": "speedup",
-}
-# The objectives where higher is better; every other one is minimised.
-MAXIMISED = frozenset(name for name, column in OBJECTIVES.items() if column in MAXIMISED_COLUMNS)
-# Objectives that may be searched alone: they weigh quality against cost themselves.
-SINGLE_OBJECTIVES = ("speedup",)
-SAMPLERS = ("nsga2", "tpe", "gp", "random", "exhaustive")
-DEFAULT_SAMPLER = "gp"
+# OBJECTIVES, MAXIMISED, SINGLE_OBJECTIVES, SAMPLERS and DEFAULT_SAMPLER are defined in
+# `mnm_search.options` (light enough for `mnm --help`) and re-exported here.
 JOURNAL_FILE = "study.journal"
 _SETUP_ATTR = "mnm_setup"
 # What a non-finite metric most likely means, for the failure message.
@@ -128,6 +128,8 @@ _FAIL_HINTS = {
     "speedup": "the latency profile predicts a non-positive or non-finite latency for it or "
     "for the full model; measure again with mnm profile",
 }
+# Result columns that `CostModel` computes from the widths alone.
+_COST_COLUMNS = ("params", "latency_ms", "memory_bytes")
 # Writing the result files after every trial is fine while it takes less than this.
 _FAST_WRITE_S = 0.05
 # Objective name -> the setting that makes it a constraint (for "cannot compute" errors).
@@ -700,6 +702,13 @@ def _short(value: Any) -> str:
 
 
 def make_sampler(name: str, *, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler for `--sampler NAME`. `auto` (when it samples rather than enumerates)
+    is the GP sampler that hands over to TPE once its own time outgrows an evaluation's."""
+    if name == "auto":
+        return BoundedGPSampler(
+            make_sampler("gp", seed=seed, n_objectives=n_objectives),
+            make_sampler("tpe", seed=seed, n_objectives=n_objectives),
+        )
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
     if name == "tpe":
@@ -715,6 +724,87 @@ def make_sampler(name: str, *, seed: int, n_objectives: int) -> optuna.samplers.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.BruteForceSampler(seed=seed)
     raise ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+
+
+class BoundedGPSampler(optuna.samplers.BaseSampler):
+    """The GP sampler while its suggestions cost less than the evaluations they choose; TPE
+    after that, so that the sampler's own time stays a bounded share of the search.
+
+    The GP refits on every trial, so its time per suggestion grows with the trials (seconds
+    per suggestion after ~100); where an evaluation takes milliseconds a GP-driven search
+    would mostly wait for the GP. After `min_trials` suggestions it compares the median of
+    the last `window` suggestion times with the median evaluation time (a trial's duration
+    minus its suggestion) and hands over for good when the GP is slower: TPE learns from the
+    same trials, the GP's included. `switch` says when and why (None while on the GP).
+    """
+
+    def __init__(
+        self,
+        gp: optuna.samplers.BaseSampler,
+        fallback: optuna.samplers.BaseSampler,
+        *,
+        min_trials: int = 15,
+        window: int = 5,
+    ) -> None:
+        self.gp = gp
+        self.fallback = fallback
+        self.min_trials = min_trials
+        self.window = window
+        self.active = gp
+        self.switch: str | None = None
+        self.on_switch: Callable[[str], None] | None = None
+        self._suggest_s: dict[int, float] = {}  # trial number -> the sampler's time on it
+        self._gp_s: list[float] = []
+        self._eval_s: list[float] = []
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
+        return self.active.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.active.sample_relative(study, trial, space)
+        finally:
+            self._suggest_s[trial.number] = time.perf_counter() - started
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: Any
+    ) -> Any:
+        return self.active.sample_independent(study, trial, name, distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.active.before_trial(study, trial)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self.active.after_trial(study, trial, state, values)
+        suggest = self._suggest_s.pop(trial.number, None)
+        if self.active is not self.gp or suggest is None or trial.datetime_start is None:
+            return
+        total = (datetime.now() - trial.datetime_start).total_seconds()
+        self._gp_s.append(suggest)
+        self._eval_s.append(max(total - suggest, 0.0))
+        if len(self._gp_s) < self.min_trials:
+            return
+        gp_s = statistics.median(self._gp_s[-self.window :])
+        eval_s = statistics.median(self._eval_s[-self.window :])
+        if gp_s > eval_s:
+            self.active = self.fallback
+            self.switch = (
+                f"after {len(self._gp_s)} trials the GP took {gp_s:.2f} s per suggestion, "
+                f"more than an evaluation ({eval_s:.2f} s): TPE from here on"
+            )
+            if self.on_switch is not None:
+                self.on_switch(self.switch)
+
+    def reseed_rng(self) -> None:
+        self.gp.reseed_rng()
+        self.fallback.reseed_rng()
 
 
 class _OwnedSampler(optuna.samplers.BaseSampler):
@@ -862,6 +952,7 @@ def run_search(
     on_warning: Callable[[str], None] | None = None,
     named_configs: Sequence[SeedConfig] = (),
     handle_signals: bool = False,
+    on_strategy: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Run (or resume) a study until it holds `settings.n_trials` complete trials.
 
@@ -871,7 +962,11 @@ def run_search(
     limits say; a seed's label is its trial's `source`, its kind the trial's `seed_kind`.
     Writes trials.csv, pareto.csv and run.json to `results_dir` (also when interrupted).
     `on_ready(n_complete)` is called once the study is open, before the first trial;
-    `on_warning(message)` (default: `warnings.warn`) hears about repaired storage.
+    `on_warning(message)` (default: `warnings.warn`) hears about repaired storage;
+    `on_strategy(message)` what `--sampler auto` chose and why (and a later hand-over).
+    Enumerating (`exhaustive`, or `auto` on a space it estimates cheap enough) decides every
+    configuration of the space that meets the limits, whatever `n_trials` says, in its own
+    order (named and seed configurations keep their labels).
 
     A trial whose loss, cost or objective is not finite (NaN weights, a broken profile) is
     FAILED with the reason in its `fail_reason` user attr and counts toward `n_trials`; a
@@ -895,10 +990,20 @@ def run_search(
     storage_obj = open_storage(storage, results_dir, on_warning=on_warning)
     study, created = open_study(study_name, storage_obj, setup, settings)
     fail_dead_trials(study)
+    strategy = choose_strategy(family, space, settings, eval_set, shared_storage=bool(storage))
+    if on_strategy is not None and settings.sampler == "auto":
+        on_strategy(f"auto: {strategy.reason}")
+    enumeration = (
+        _Enumerated(family, space, settings, eval_set, costs, limits, named, strategy)
+        if strategy.name == "enumerate"
+        else None
+    )
     n_target = settings.n_trials
-    if settings.sampler == "exhaustive":
+    if enumeration is not None:
+        n_target = enumeration.n_configs
+    elif settings.sampler == "exhaustive":
         n_target = min(n_target, space.size)
-    if created:
+    if created and enumeration is None:
         seeds = named + (
             seed_configs(space, family, costs, limits) if settings.seed_configs else []
         )
@@ -911,12 +1016,12 @@ def run_search(
     # resuming get their own stream so they do not propose the same configurations.
     sampler_seed = settings.seed if created else (settings.seed * 1_000_003 + os.getpid())
     worker = _worker_id()
-    study.sampler = _OwnedSampler(
-        make_sampler(
-            settings.sampler, seed=sampler_seed % 2**32, n_objectives=len(settings.objectives)
-        ),
-        worker,
+    sampler = make_sampler(
+        settings.sampler, seed=sampler_seed % 2**32, n_objectives=len(settings.objectives)
     )
+    if isinstance(sampler, BoundedGPSampler) and on_strategy is not None:
+        sampler.on_switch = lambda message: on_strategy(f"auto: {message}")
+    study.sampler = _OwnedSampler(sampler, worker)
 
     evaluator = _evaluator(family, eval_set, settings, space)
     screen = (
@@ -946,6 +1051,7 @@ def run_search(
             "study": study_name,
             "storage": redact_url(storage) if storage else str(results_dir / JOURNAL_FILE),
             "sampler": settings.sampler,
+            "strategy": strategy.to_dict(),
             "seed": settings.seed,
             "n_trials": settings.n_trials,
             "objectives": list(settings.objectives),
@@ -985,7 +1091,9 @@ def run_search(
     if handle_signals:
         guard.install()
     try:
-        if claims.done_count() < n_target:
+        if enumeration is not None:
+            enumeration.run(study, sink, worker, guard)
+        elif claims.done_count() < n_target:
             study.optimize(
                 objective,
                 callbacks=[sink.after_trial],
@@ -999,6 +1107,8 @@ def run_search(
         raise
     finally:
         try:  # signals stay held until the files are whole
+            if isinstance(sampler, BoundedGPSampler) and sampler.switch is not None:
+                info["strategy"]["switch"] = sampler.switch
             frame = sink.frame(study.get_trials(deepcopy=False))
             front = sink.write(frame)
         finally:
@@ -1010,6 +1120,16 @@ def run_search(
             f"the failed trials are listed in {results_dir / 'trials.csv'}"
         )
     stats = evaluator.stats
+    cache_stats = (
+        enumeration.cache_stats()
+        if enumeration is not None
+        else {
+            "evaluations": stats.evaluations,
+            "prefix_hits": stats.prefix_hits,
+            "layer_runs": stats.layer_runs,
+            "evictions": stats.evictions,
+        }
+    )
     return SearchResult(
         trials=frame,
         pareto=front,
@@ -1017,12 +1137,7 @@ def run_search(
         results_dir=results_dir,
         n_new=sink.n_new,
         seconds=time.monotonic() - sink.started,
-        cache_stats={
-            "evaluations": stats.evaluations,
-            "prefix_hits": stats.prefix_hits,
-            "layer_runs": stats.layer_runs,
-            "evictions": stats.evictions,
-        },
+        cache_stats=cache_stats,
     )
 
 
@@ -1184,6 +1299,173 @@ class _Objective:
         trial.set_user_attr(METRICS_ATTR, finite)
         trial.set_user_attr(FAIL_ATTR, reason)
         return tuple(math.nan for _ in self.columns)
+
+
+def choose_strategy(
+    family: Family,
+    space: SearchSpace,
+    settings: SearchSettings,
+    eval_set: EvalSet,
+    *,
+    shared_storage: bool,
+) -> Strategy:
+    """Enumerate or sample: `--sampler auto` estimates both (`_enumerate.estimate_strategy`);
+    `exhaustive` enumerates (Optuna's brute force where workers share a storage)."""
+    # A race predicts losses from partial sums; agreement metrics need every token.
+    race = "loss" in settings.objectives and not settings.needs_agreement
+    if settings.sampler == "exhaustive":
+        if shared_storage:
+            return Strategy("exhaustive", "--sampler exhaustive with a shared --storage")
+        return Strategy(
+            "enumerate",
+            "--sampler exhaustive: every configuration"
+            + (" (screened on --fidelity-tokens first)" if settings.fidelity_tokens else ""),
+            race=race and bool(settings.fidelity_tokens),
+        )
+    if settings.sampler != "auto":
+        return Strategy(settings.sampler, f"--sampler {settings.sampler}")
+    return estimate_strategy(
+        space=space,
+        n_trials=settings.n_trials,
+        layer_pass_s=seconds_per_layer_pass(family, eval_set, batch_size=settings.batch_size),
+        cheap_siblings=family.layer_steps().cheap_siblings,
+        race=race,
+        shared_storage=shared_storage,
+    )
+
+
+class _Enumerated:
+    """A search that enumerates: every configuration of the space that meets the limits
+    (and the named ones) is decided by an `Enumeration` and added to the study in batches,
+    without Optuna's per-trial loop (its samplers cost more than these evaluations)."""
+
+    def __init__(
+        self,
+        family: Family,
+        space: SearchSpace,
+        settings: SearchSettings,
+        eval_set: EvalSet,
+        costs: CostModel,
+        limits: dict[str, float],
+        named: Sequence[SeedConfig],
+        strategy: Strategy,
+    ) -> None:
+        self.space = space
+        self.columns = settings.columns
+        self.costs = costs
+        self.limits = limits
+        seeds = seed_configs(space, family, costs, limits) if settings.seed_configs else []
+        self.labels = {tuple(s.widths): s for s in [*seeds, *named]}  # named ones win
+        self.metrics: dict[tuple[int, ...], dict[str, Any]] = {}
+        for widths in [*(tuple(s.widths) for s in named), *map(tuple, space.all_configs())]:
+            if widths in self.metrics:
+                continue
+            metrics = costs(list(widths))
+            within = all(metrics[c] <= limit for c, limit in limits.items())
+            if within or widths in self.labels:
+                self.metrics[widths] = metrics
+        # The objectives the cost model computes (a race compares them with the loss).
+        self.cost_columns = [c for c in self.columns if c in _COST_COLUMNS]
+        self.enumeration = Enumeration(
+            family,
+            eval_set,
+            space.choices,
+            cost_columns=self.cost_columns,
+            race=strategy.race,
+            agreement=settings.needs_agreement,
+            batch_size=settings.batch_size,
+            cache_mb=settings.cache_mb,
+            first_chunk_tokens=settings.fidelity_tokens or FIRST_CHUNK_TOKENS,
+        )
+        self.distributions = {
+            param_name(layer): CategoricalDistribution(list(options))
+            for layer, options in enumerate(space.choices)
+        }
+
+    @property
+    def n_configs(self) -> int:
+        return len(self.metrics)
+
+    def run(self, study: optuna.Study, sink: ResultsSink, worker: str, guard: _SignalGuard) -> None:
+        done: set[tuple[int, ...]] = set()
+        known_full: dict[tuple[int, ...], float] = {}
+        for trial in study.get_trials(deepcopy=False):
+            if len(trial.params) != self.space.n_layers or trial.state == TrialState.RUNNING:
+                continue
+            widths = tuple(self.space.from_params(trial.params))
+            metrics = trial_metrics(trial)
+            if trial.state == TrialState.COMPLETE or FAIL_ATTR in trial.user_attrs:
+                done.add(widths)
+            if metrics.get("fidelity") == "full" and widths in self.metrics:
+                known_full[widths] = metrics["loss"]
+        todo, failed = [], []
+        for widths, metrics in self.metrics.items():
+            if widths in done:
+                continue
+            if _failure(metrics, list(metrics)) is None:
+                todo.append(widths)
+            else:  # no quality evaluation for a configuration we cannot place
+                failed.append(Decision(widths, {}, 0.0))
+        if failed:
+            self._record(study, sink, worker, failed)
+        self.enumeration.run(
+            todo,
+            {w: [m[c] for c in self.cost_columns] for w, m in self.metrics.items()},
+            known_full=known_full,
+            on_decided=lambda decisions: self._record(study, sink, worker, decisions),
+            on_stage=lambda label, n, total: sink.stage(study, f"{label} {n}/{total}"),
+            interruptible=guard.interruptible,
+        )
+        guard.check()
+
+    def cache_stats(self) -> dict[str, int]:
+        total = {"evaluations": 0, "prefix_hits": 0, "layer_runs": 0, "evictions": 0}
+        for evaluator in self.enumeration.evaluators:
+            for key in total:
+                total[key] += getattr(evaluator.stats, key)
+        return total
+
+    def _record(
+        self, study: optuna.Study, sink: ResultsSink, worker: str, decisions: list[Decision]
+    ) -> None:
+        now = datetime.now()
+        trials = []
+        for decision in decisions:
+            metrics = {**self.metrics[decision.widths], **decision.metrics}
+            if decision.metrics:
+                metrics.update(speculation_metrics(metrics, self.costs.full_latency_ms))
+            failure = _failure(metrics, self.columns if decision.metrics else list(metrics))
+            attrs: dict[str, Any] = {
+                METRICS_ATTR: {k: v for k, v in metrics.items() if not _non_finite(v)},
+                "worker": worker,
+            }
+            label = self.labels.get(decision.widths)
+            if label is not None:
+                attrs.update({SEED_ATTR: label.label, SEED_KIND_ATTR: label.kind})
+            if failure is not None:
+                attrs[FAIL_ATTR] = failure
+            trials.append(
+                FrozenTrial(
+                    number=0,  # add_trials numbers them
+                    state=TrialState.COMPLETE if failure is None else TrialState.FAIL,
+                    value=None,
+                    values=None if failure else [float(metrics[c]) for c in self.columns],
+                    datetime_start=now - timedelta(seconds=decision.seconds),
+                    datetime_complete=now,
+                    params=self.space.to_params(list(decision.widths)),
+                    distributions=self.distributions,
+                    user_attrs=attrs,
+                    system_attrs={
+                        _CONSTRAINTS_KEY: [metrics[c] - limit for c, limit in self.limits.items()]
+                    }
+                    if self.limits
+                    else {},
+                    intermediate_values={},
+                    trial_id=0,
+                )
+            )
+        study.add_trials(trials)
+        sink.after_trials(study, trials)
 
 
 def _evaluator(

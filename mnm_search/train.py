@@ -46,6 +46,7 @@ from mnm_search.data import (
 from mnm_search.errors import CheckpointError, ConfigError
 from mnm_search.evaluator import evaluate_loss, unigram_loss
 from mnm_search.model import MatLM
+from mnm_search.options import PRESETS
 
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -54,25 +55,7 @@ MAX_STATE_BYTES = 64 * 1024 * 1024
 MAX_STEPS = 10**9
 
 
-def _model_preset(d_model: int, n_layers: int, n_heads: int, seq: int) -> ModelConfig:
-    d_ff = 4 * d_model
-    return ModelConfig(
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_ff=d_ff,
-        granularities=(d_ff // 8, d_ff // 4, d_ff // 2, d_ff),
-        max_seq_len=seq,
-    )
-
-
 GRANULARITY_MODES = ("all", "sample", "mix", "dense")
-PRESETS: dict[str, tuple[ModelConfig, int]] = {
-    # name: (model config, batch size)
-    "tiny": (_model_preset(32, 2, 2, 32), 8),
-    "small": (_model_preset(128, 4, 4, 128), 16),
-    "default": (_model_preset(256, 6, 4, 256), 16),
-}
 
 
 @dataclass(frozen=True)

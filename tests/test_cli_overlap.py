@@ -13,7 +13,8 @@ import pytest
 from test_pareto_cli import write_results
 from typer.testing import CliRunner
 
-from mnm_search.cli import _demo, _profile, _search, app
+from mnm_search import study
+from mnm_search.cli import _demo, _profile, app
 from mnm_search.errors import Terminated
 from mnm_search.train import Trainer
 
@@ -45,7 +46,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Pa
         raise AssertionError("the refusal must come before the work")
 
     monkeypatch.setattr(_profile, "profile_loaded", no_work)
-    monkeypatch.setattr(_search, "run_search", no_work)
+    monkeypatch.setattr(study, "run_search", no_work)
     monkeypatch.setattr(Trainer, "run", no_work)
     return tmp_path
 
@@ -147,8 +148,8 @@ def test_outputs_that_overlap_inputs_are_refused(
 @pytest.mark.parametrize(
     ("args", "target", "exc", "code", "message"),
     [
-        (SEARCH, (_search, "run_search"), KeyboardInterrupt(), 130, "Interrupted: finished"),
-        (SEARCH, (_search, "run_search"), Terminated(), 143, "Terminated: finished"),
+        (SEARCH, (study, "run_search"), KeyboardInterrupt(), 130, "Interrupted: finished"),
+        (SEARCH, (study, "run_search"), Terminated(), 143, "Terminated: finished"),
         (
             [*TRAIN, "--out", "run"],
             (Trainer, "run"),

@@ -27,7 +27,7 @@ def tiny_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_checkpoin
     monkeypatch.setattr("mnm_search.checkpoint.default_checkpoint_path", lambda: tiny_checkpoint)
     monkeypatch.setattr(_demo, "default_measurement_target", lambda family: LIGHT)
     monkeypatch.setattr(
-        _demo, "QUICK", _demo.DemoPlan(quick_profile=True, trials=8, eval_tokens=256)
+        _demo, "QUICK", _demo.DemoPlan(quick_profile=True, trials=8, eval_tokens=256, sampler="tpe")
     )
     return tiny_checkpoint
 
@@ -103,3 +103,27 @@ def test_demo_refuses_a_directory_it_did_not_write(tmp_path: Path, tiny_default:
     assert "was not written by `mnm demo`" in result.output
     assert "Traceback" not in result.output
     assert (tmp_path / "results" / "demo" / "notes.txt").read_text() == "mine"
+
+
+def test_full_demo_enumerates_and_times_its_stages(
+    tmp_path: Path, tiny_default: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --quick the demo's `auto` search enumerates a space this small: every
+    configuration is decided and the front is exact; demo.json says where the time went."""
+    monkeypatch.setattr(
+        _demo, "FULL", _demo.DemoPlan(quick_profile=True, trials=8, eval_tokens=256)
+    )
+    result = CliRunner().invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "auto: all " in flat and "the exact front" in flat
+    demo = tmp_path / "results" / "demo"
+    run = json.loads((demo / "run.json").read_text())
+    assert run["strategy"]["name"] == "enumerate"
+    trials = pd.read_csv(demo / "trials.csv")
+    assert len(trials) == run["space_size"] == trials["widths"].nunique()
+    summary = json.loads((demo / "demo.json").read_text())
+    stages = summary["stage_seconds"]
+    assert list(stages) == ["set-up", "profile", "search", "front", "export"]
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert sum(stages.values()) == pytest.approx(summary["seconds"], abs=0.3)

@@ -352,7 +352,7 @@ def test_json_output_is_strict(
 def test_eval_json_with_a_nan_loss_is_strict(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("mnm_search.cli._core.evaluate_loss", lambda *a, **k: math.nan)
+    monkeypatch.setattr("mnm_search.evaluator.evaluate_loss", lambda *a, **k: math.nan)
     result = _invoke(["eval", str(tiny_checkpoint), "--widths", "S,M,L", "--json"])
     assert result.exit_code == 0, result.output
     assert _strict(result.stdout)["loss"] is None

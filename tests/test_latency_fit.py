@@ -182,3 +182,47 @@ def test_fit_refuses_impossible_measurements(bad: float) -> None:
     samples = [*_samples([1.0, 1.0, 1.0], _uniform(), noise=0.0, seed=0), ([8] * N_LAYERS, bad)]
     with pytest.raises(ProfileError, match="a latency must be a finite time > 0 ms"):
         _model().fit(samples)
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.935, 1.0, 1.23, 3.0])
+@pytest.mark.parametrize("coefficients", [[3.0, 1.2, 0.8], [0.0, 1.0, 0.0], None])
+def test_rescale_multiplies_every_prediction_and_keeps_coefficients_non_negative(
+    factor: float, coefficients: list[float] | None
+) -> None:
+    """The fresh-process calibration: one factor on top of the fit, ratios kept."""
+    model = _model(coefficients)
+    configs = _check_configs()
+    before = [model.predict_ms(w) for w in configs]
+    model.rescale(factor)
+    assert model.coefficients is not None and all(c >= 0 for c in model.coefficients)
+    assert [model.predict_ms(w) for w in configs] == pytest.approx([b * factor for b in before])
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "2"])
+def test_rescale_refuses_a_factor_that_is_not_a_positive_number(bad: object) -> None:
+    with pytest.raises(ProfileError, match="factor"):
+        _model([1.0, 1.0, 0.0]).rescale(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("truth", "noise", "seed"),
+    [
+        ([3.0, 1.2, 0.8], 0.0, 0),
+        ([6.5, 1.1, 0.0], 0.01, 1),
+        ([0.9, 1.45, 0.07], 0.03, 2),
+        ([7.5, 0.05, 1.6], 0.02, 3),
+    ],
+)
+def test_fit_on_drift_corrected_samples_predicts_like_the_truth(
+    truth: list[float], noise: float, seed: int
+) -> None:
+    """Calibration timings on a common scale (what the drift correction provides) fit a
+    model whose predictions match the true ones within the noise, whatever split between
+    the collinear table and width terms the fit picks."""
+    configs = _uniform() + _configs(28, seed)
+    fitted = _model().fit(_samples(truth, configs, noise=noise, seed=seed))
+    assert fitted.coefficients is not None and min(fitted.coefficients) >= 0
+    true_model = _model(truth)
+    held_out = _configs(50, seed + 100, choices=WIDTHS)
+    errors = [abs(fitted.predict_ms(w) / true_model.predict_ms(w) - 1) for w in held_out]
+    assert np.mean(errors) <= 2 * noise + 1e-9

@@ -181,7 +181,7 @@ def test_help_has_an_example() -> None:
 # ======================================================== search, info, export
 
 
-SEARCH = ["--objectives", "loss,params", "--trials", "4", "--max-tokens", "256"]
+SEARCH = ["--objectives", "loss,params", "--trials", "4", "--max-tokens", "256", "--sampler", "gp"]
 
 
 def test_search_warns_about_a_dense_model_only(

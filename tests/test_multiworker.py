@@ -87,7 +87,7 @@ def _command(checkpoint: Path, study: str, trials: int, out: Path, *extra: str) 
     return [
         sys.executable, "-m", "mnm_search", "search", str(checkpoint),
         "--objectives", "loss,params", "--trials", str(trials), "--study", study,
-        "--out", str(out), "--max-tokens", "1024", *extra,
+        "--out", str(out), "--max-tokens", "1024", "--sampler", "gp", *extra,
     ]  # fmt: skip
 
 

@@ -170,3 +170,16 @@ def test_pareto_tables_need_no_optuna() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("n", "k", "levels"), [(200, 2, 5), (300, 3, 4), (50, 2, 1000), (1, 2, 3)])
+def test_pareto_mask_matches_the_definition(n: int, k: int, levels: int) -> None:
+    """The front-only scan equals the O(n^2) definition, ties and duplicates included
+    (few `levels` make many of them)."""
+    points = np.random.default_rng(n + k).integers(0, levels, size=(n, k)).astype(float)
+    expected = np.zeros(n, dtype=bool)
+    for i, p in enumerate(points):
+        dominated = (np.all(points <= p, axis=1) & np.any(points < p, axis=1)).any()
+        earlier_copy = np.all(points[:i] == p, axis=1).any()
+        expected[i] = not dominated and not earlier_copy
+    assert pareto_mask(points).tolist() == expected.tolist()

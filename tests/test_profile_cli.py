@@ -243,3 +243,53 @@ def test_help_has_an_example() -> None:
     result = runner.invoke(app, ["profile", "--help"])
     assert result.exit_code == 0
     assert "Example: mnm profile" in result.output
+
+
+def test_profile_prints_both_validations(
+    tmp_path: Path, tiny_checkpoint: Path, target_file: Path
+) -> None:
+    """In-process and fresh-process held-out numbers, in the output, the JSON and --json."""
+    out = tmp_path / "p.json"
+    args = ["profile", str(tiny_checkpoint), "-t", str(target_file), "-o", str(out), "--quick"]
+    result = runner.invoke(app, [*args, "--fresh", "3"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Held-out validation, in this process (3 sliced models)" in result.output
+    assert "Held-out validation, fresh processes (3 exported models" in result.output
+    profile = json.loads(out.read_text())
+    fresh = profile["fresh_validation"]
+    assert fresh["n"] == 3 and profile["validation"]["n"] == 3
+    assert f"{fresh['mape_pct']:.2f} %" in result.output
+    assert f"{profile['validation']['mape_pct']:.2f} %" in result.output
+    data = json.loads(runner.invoke(app, [*args, "--fresh", "3", "--json"]).stdout)
+    assert {"mape_pct", "spearman", "noise_floor", "drift_corrected"} <= set(
+        data["fresh_validation"]
+    )
+    assert "samples" not in data["fresh_validation"]
+
+
+def test_profile_fresh_zero_skips_and_says_so(
+    tmp_path: Path, tiny_checkpoint: Path, target_file: Path
+) -> None:
+    out = tmp_path / "p.json"
+    args = ["profile", str(tiny_checkpoint), "-t", str(target_file), "-o", str(out), "--fresh", "0"]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Fresh-process validation: none (not requested" in result.output
+    assert json.loads(out.read_text())["fresh_validation"]["n"] == 0
+
+
+def test_a_version_1_profile_still_loads_and_prints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Profiles written before fresh-process validation (format version 1) keep working."""
+    from mnm_search.latency import LatencyModel
+
+    old = Path(__file__).resolve().parent.parent / "bench/data/profile-default-cpu-prefill.json"
+    data = json.loads(old.read_text())
+    assert data["version"] == 1 and "fresh_validation" not in data
+    model = LatencyModel.from_profile(data)
+    assert model.predict_ms([1024] * model.n_layers) > 0
+    _profile.print_validation(data)
+    printed = capsys.readouterr().out
+    assert "Held-out validation, in this process" in printed
+    assert "Fresh-process validation: none (this profile predates it" in printed

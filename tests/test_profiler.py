@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -339,3 +340,114 @@ def test_write_profile_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_write_profile_turns_nan_into_null(tmp_path: Path) -> None:
     path = write_profile({"spearman": float("nan")}, tmp_path / "p.json")
     assert json.loads(path.read_text()) == {"spearman": None}
+
+
+@pytest.mark.parametrize("target", [TINY_PREFILL, TINY_DECODE], ids=["prefill", "decode"])
+def test_profile_validates_in_fresh_processes(tiny_model: MatLM, target: HardwareTarget) -> None:
+    """Both validations in one profile: the in-process held-out sample and another held-out
+    sample exported and timed in fresh processes, with the reference re-timed between."""
+    events: list[dict[str, Any]] = []
+    profile = profiler.profile(
+        _family(tiny_model), target, fresh=3, fresh_per_process=5, on_progress=events.append
+    )
+    json.dumps(profile, allow_nan=False)
+    fresh, validation = profile["fresh_validation"], profile["validation"]
+    assert fresh["n"] == 3 == len(fresh["samples"]) and validation["n"] == 3
+    seen = {tuple(s["widths"]) for s in profile["calibration"]["samples"]}
+    seen |= {tuple(s["widths"]) for s in validation["samples"]}
+    assert not {tuple(s["widths"]) for s in fresh["samples"]} & seen  # held out from both
+    samples = fresh["samples"]
+    predicted = [s["predicted_ms"] for s in samples]
+    for key, measured in (("", "measured_ms"), ("drift_corrected", "drift_corrected_ms")):
+        expected = validation_metrics([s[measured] for s in samples], predicted)
+        reported = fresh[key] if key else fresh
+        assert reported["mape_pct"] == pytest.approx(expected["mape_pct"], abs=1e-2)
+    model = LatencyModel.from_profile(profile)
+    scale = fresh["fresh_scale"]
+    assert profile["latency_model"]["fresh_scale"] == scale > 0
+    reference = fresh["reference"]
+    ratios = [ms / reference["in_process_ms"] for ms in reference["measured_ms"]]
+    ratios += [s["measured_ms"] / s["in_process_fit_ms"] for s in samples]
+    for i, s in enumerate(samples):
+        # the profile predicts the in-process fit times the fresh-process scale ...
+        assert model.predict_ms(s["widths"]) == pytest.approx(
+            s["in_process_fit_ms"] * scale, rel=1e-5
+        )
+        # ... and validates each configuration with the scale of all the other timings
+        others = ratios[: 2 + i] + ratios[3 + i :]
+        assert s["predicted_ms"] == pytest.approx(
+            s["in_process_fit_ms"] * statistics.median(others), rel=1e-4
+        )
+        assert s["measured_ms"] > 0 and s["p10_ms"] <= s["measured_ms"] <= s["p90_ms"]
+    assert reference["widths"] == [64, 64, 64]
+    assert len(reference["measured_ms"]) == fresh["noise_floor"]["n"] == 2  # before and after
+    assert fresh["protocol"]["runs"] == 2 * target.repeats
+    assert fresh["protocol"]["per_process"] == 5
+    assert isinstance(fresh["warnings"], list)
+    fresh_events = [e for e in events if e["stage"] == profiler.FRESH_STAGE]
+    assert [e["done"] for e in fresh_events] == [0, 5] and fresh_events[0]["total"] == 5
+    drift = profile["drift"]
+    assert drift["reference_widths"] == [64, 64, 64]
+    assert list(drift["reference_ms"]) == list(STAGES[1:])
+    assert drift["pass2_factor"] > 0
+    assert profile["version"] == 2
+
+
+def test_profile_without_fresh_processes_says_so(tiny_model: MatLM) -> None:
+    profile = profiler.profile(_family(tiny_model), TINY_PREFILL)
+    assert profile["fresh_validation"]["n"] == 0
+    assert "not requested" in profile["fresh_validation"]["skipped"]
+
+
+def test_a_failed_fresh_validation_is_reported_not_raised(
+    tiny_model: MatLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Minutes of in-process profiling are not thrown away when the exports cannot be timed."""
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ProfileError("timing an exported model in a fresh process failed (exit 1): boom")
+
+    monkeypatch.setattr("mnm_search._fresh_process.measure_fresh", broken)
+    profile = profiler.profile(_family(tiny_model), TINY_PREFILL, fresh=3)
+    fresh = profile["fresh_validation"]
+    assert fresh["n"] == 0 and "boom" in fresh["error"]
+    assert any("boom" in w for w in fresh["warnings"])
+    assert profile["validation"]["n"] == 3  # the in-process profile stands
+
+
+@pytest.mark.parametrize(
+    ("repeats", "warmup", "settle", "block"),
+    [(3, 1, 1, 1), (15, 3, 3, 3), (25, 5, 5, 5), (7, 0, 1, 2), (2, 4, 4, 1)],
+)
+def test_end_to_end_timings_run_in_steady_blocks(
+    repeats: int, warmup: int, settle: int, block: int
+) -> None:
+    target = HardwareTarget(name="s", seq_len=4, repeats=max(3, repeats), warmup=warmup)
+    assert profiler.steady_blocks(target, repeats) == {"settle": settle, "block": block}
+
+
+def test_steady_blocks_time_back_to_back_after_settling() -> None:
+    log: list[str] = []
+    fns = [lambda name=name: log.append(name) for name in "ab"]
+    rounds: list[int] = []
+    stats = time_interleaved(
+        fns,
+        device=torch.device("cpu"),
+        repeats=5,
+        warmup=0,
+        settle=2,
+        block=2,
+        on_round=rounds.append,
+    )
+    assert [s.n for s in stats] == [5, 5]
+    assert rounds == [2, 4, 5]  # samples per callable so far; the last block is shorter
+    # every round: each callable settles twice, then is timed `block` times in a row
+    assert len(log) == 2 * (3 * 2 + 5)
+    for start, size in ((0, 4), (8, 4), (16, 3)):  # calls per callable in rounds 1, 2, 3
+        first, second = log[start : start + size], log[start + size : start + 2 * size]
+        assert len(set(first)) == len(set(second)) == 1 and first[0] != second[0], log
+
+
+def test_time_interleaved_refuses_bad_blocks() -> None:
+    with pytest.raises(ValueError, match="block >= 1"):
+        time_interleaved([lambda: None], device=torch.device("cpu"), repeats=3, warmup=0, block=0)

@@ -41,6 +41,8 @@ def test_search_loss_params_json(workdir: Path, tiny_checkpoint: Path) -> None:
             "loss,params",
             "--trials",
             "12",
+            "--sampler",  # the sampled path: `auto` would enumerate this tiny space
+            "gp",
             "--study",
             "t1",
             "--json",
@@ -67,6 +69,8 @@ def test_search_loss_params_json(workdir: Path, tiny_checkpoint: Path) -> None:
             "loss,params",
             "--trials",
             "15",
+            "--sampler",
+            "gp",
             "--study",
             "t1",
             *FAST,

@@ -87,6 +87,7 @@ def _run(
     objectives: tuple[str, ...],
     *,
     n_trials: int = 14,
+    sampler: str = "gp",  # the sampled path; `auto` would enumerate this tiny space
     target: HardwareTarget = DECODE,
     warnings_seen: list[str] | None = None,
 ):  # type: ignore[no-untyped-def]
@@ -94,7 +95,7 @@ def _run(
     return run_search(
         family,
         SearchSpace.from_config(TINY),
-        SearchSettings(n_trials=n_trials, objectives=objectives),
+        SearchSettings(n_trials=n_trials, objectives=objectives, sampler=sampler),
         eval_set,
         study_name="s",
         results_dir=results,
@@ -237,6 +238,24 @@ def test_speedup_search_keeps_the_fastest_draft(
         assert row.acceptance == row.agreement
     # the full model (seeded as uniform XL) drafting for itself: acceptance 1, no speed-up
     assert full["acceptance"] == 1.0 and full["speedup"] == 1.0 and full["lookahead"] == 1
+
+
+def test_enumerated_speedup_search_decides_every_draft(
+    checkpoint: Checkpoint, eval_set: EvalSet, tmp_path: Path
+) -> None:
+    """`auto` enumerates this tiny space, every configuration in full (no race: agreement
+    needs every token), with the same speed-up metrics as a sampled trial."""
+    result = _run(checkpoint, eval_set, tmp_path / "s", ("speedup",), sampler="auto")
+    assert result.run_info["strategy"]["name"] == "enumerate"
+    assert result.run_info["strategy"]["race"] is False
+    done = result.trials[result.trials["state"] == "COMPLETE"]
+    assert len(done) == SearchSpace.from_config(TINY).size == done["widths"].nunique()
+    assert (done["fidelity"] == "full").all()
+    full = done[done["widths"] == FULL].iloc[0]
+    for row in done.itertuples():
+        lookahead, speedup = best_lookahead(row.acceptance, row.latency_ms / full["latency_ms"])
+        assert row.speedup == pytest.approx(speedup, rel=1e-12) and row.lookahead == lookahead
+    assert result.pareto["trial"].tolist() == [done.loc[done["speedup"].idxmax(), "trial"]]
 
 
 def test_acceptance_latency_front_and_resume(

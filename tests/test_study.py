@@ -70,7 +70,8 @@ def latency_model(checkpoint: Checkpoint) -> LatencyModel:
 
 def _run(checkpoint, eval_set, tmp_path, study="s", space=None, **kwargs):  # type: ignore[no-untyped-def]
     extra = {k: kwargs.pop(k) for k in ("latency_model", "memory_target", "storage") if k in kwargs}
-    settings = SearchSettings(**{"objectives": ("loss", "params"), **kwargs})
+    # The sampled path (what these tests check); `auto` is tested in test_search_auto.py.
+    settings = SearchSettings(**{"objectives": ("loss", "params"), "sampler": "gp", **kwargs})
     return run_search(
         MatLMFamily(checkpoint),
         space or SearchSpace.from_config(checkpoint.config),
@@ -86,7 +87,7 @@ def _run(checkpoint, eval_set, tmp_path, study="s", space=None, **kwargs):  # ty
     ("kwargs", "match"),
     [
         ({"n_trials": 0}, "n_trials must be a positive integer, got 0"),
-        ({"sampler": "cmaes"}, "unknown sampler 'cmaes'; choose from nsga2, tpe, gp"),
+        ({"sampler": "cmaes"}, "unknown sampler 'cmaes'; choose from auto, nsga2, tpe, gp"),
         ({"objectives": ("loss", "speed")}, "unknown objective.*'speed'"),
         ({"objectives": ("loss",)}, "at least two"),
         ({"objectives": ("loss", "loss")}, "at least two different"),
@@ -364,7 +365,8 @@ def test_named_configs_come_first_with_their_kind(
     result = run_search(
         MatLMFamily(checkpoint),
         SearchSpace.from_config(checkpoint.config),
-        SearchSettings(n_trials=3, objectives=("loss", "params"), seed_configs=False),
+        # Sampled: an enumeration labels named configurations but decides in its own order.
+        SearchSettings(n_trials=3, objectives=("loss", "params"), seed_configs=False, sampler="gp"),
         eval_set,
         study_name="s",
         results_dir=tmp_path / "s",

@@ -12,7 +12,6 @@ import typer
 from rich.table import Table
 
 from mnm_search._files import refuse_overlap
-from mnm_search.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from mnm_search.cli._common import (
     DEFAULT_EVAL_TOKENS,
     CkptArg,
@@ -30,9 +29,8 @@ from mnm_search.cli._common import (
 from mnm_search.cli._profile import load_profile_for
 from mnm_search.config import run_length_widths
 from mnm_search.errors import CheckpointError, ConfigError, Terminated
-from mnm_search.evaluator import evaluate_loss, perplexity
 from mnm_search.families import load_family
-from mnm_search.train import PRESETS, STATE_FILE, Trainer, TrainSettings
+from mnm_search.options import PRESETS
 
 if TYPE_CHECKING:
     from mnm_search.families.base import Family
@@ -264,6 +262,8 @@ def eval_command(
 
     Example: mnm eval --widths L,M*3,L*2 --profile profile-cpu-prefill.json --json
     """
+    from mnm_search.evaluator import evaluate_loss, perplexity
+
     family = load_family(ckpt, step=step)
     resolved = family.parse_widths(widths) if widths is not None else family.full_widths()
     latency = load_profile_for(family, profile) if profile is not None else None
@@ -307,6 +307,9 @@ def refuse_foreign_checkpoint(out_dir: Path) -> None:
     """Refuse an --out holding a checkpoint that `mnm train` did not write (an export, the
     universal model to search): train replaces --out whole at every save, so that checkpoint
     would be lost, not resumed."""
+    from mnm_search.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+    from mnm_search.train import STATE_FILE
+
     if (out_dir / STATE_FILE).is_file():
         return  # a run of `mnm train`: resumed
     found = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if (out_dir / name).exists()]
@@ -378,6 +381,8 @@ def train(
 
     Example: mnm train --out my-matlm --preset small --steps 2000
     """
+    from mnm_search.train import Trainer, TrainSettings
+
     settings = TrainSettings(
         preset=preset,
         steps=steps,

@@ -15,7 +15,6 @@ import typer
 from rich.table import Table
 
 from mnm_search._files import refuse_overlap
-from mnm_search.checkpoint import default_checkpoint_path
 from mnm_search.cli._common import (
     DEFAULT_EVAL_TOKENS,
     PROGRESS_LOG_SECONDS,
@@ -33,31 +32,22 @@ from mnm_search.cli._common import (
 from mnm_search.cli._pareto import Results
 from mnm_search.cli._profile import load_profile_for
 from mnm_search.errors import ConfigError, ExportError
-from mnm_search.export import (
-    DEFAULT_LOOKAHEAD,
-    Draft,
-    ExportReport,
-    Member,
-    check_draft_fits,
-    check_format,
-    export_front,
-    export_submodel,
-    front_members,
-    pick_trial,
-    pick_under_budget,
-)
 from mnm_search.families import load_family
-from mnm_search.latency import LatencyModel
+from mnm_search.options import DEFAULT_LOOKAHEAD
 from mnm_search.targets import HardwareTarget, default_target, load_target
 
 if TYPE_CHECKING:
+    from mnm_search.export import ExportReport, Member
     from mnm_search.families.base import Family
+    from mnm_search.latency import LatencyModel
 
 
 def search_source_path(ckpt: Path | None, results: Results | None) -> Path | None:
     """CKPT, else the checkpoint the search ran on (None: the embedded default)."""
     if results is None or ckpt is not None:
         return ckpt
+    from mnm_search.checkpoint import default_checkpoint_path
+
     searched = results.run_info.get("checkpoint")
     path = Path(searched) if searched else default_checkpoint_path()
     if not path.exists():
@@ -131,6 +121,8 @@ def _members(
     max_latency_ms: float | None,
     all_pareto: bool,
 ) -> list[Member]:
+    from mnm_search.export import front_members, pick_trial, pick_under_budget
+
     chosen = sum([trial is not None, max_latency_ms is not None, all_pareto])
     if chosen != 1:
         raise ConfigError(
@@ -303,6 +295,16 @@ def export(
 
     Example: mnm export --from results/default --max-latency-ms 5 --out my-model
     """
+    from mnm_search.checkpoint import default_checkpoint_path
+    from mnm_search.export import (
+        Draft,
+        Member,
+        check_draft_fits,
+        check_format,
+        export_front,
+        export_submodel,
+    )
+
     if (widths is None) == (from_dir is None):
         raise ConfigError("give either --widths W or --from RESULTS_DIR (exactly one)")
     if from_dir is None and (trial is not None or max_latency_ms is not None or all_pareto):

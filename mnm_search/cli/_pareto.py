@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import pandas as pd
 import typer
 from rich.table import Table
 
 from mnm_search._files import atomic_write_text, refuse_overlap
-from mnm_search.checkpoint import default_checkpoint_path
 from mnm_search.cli._common import (
     JsonOpt,
     add_number_column,
@@ -23,17 +21,9 @@ from mnm_search.cli._common import (
 )
 from mnm_search.config import run_length_widths
 from mnm_search.errors import ConfigError
-from mnm_search.evaluator import perplexity
-from mnm_search.export import finished_trials
-from mnm_search.pareto import (
-    PARETO_FILE,
-    RUN_FILE,
-    TRIALS_FILE,
-    objective_maximise,
-    pareto_front,
-    read_results,
-)
-from mnm_search.plot import COST_AXES, pareto_figure, quality_label, save_figure, width_heatmap
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 LAB_PREFIX = "lab: "  # trial source of MatFormer Lab configurations (set by `mnm search`)
 PLOT_FILE = "pareto.png"
@@ -44,6 +34,10 @@ class Results:
     """A results directory, read once: trials, the current front, and what they mean."""
 
     def __init__(self, results_dir: Path) -> None:
+        from mnm_search.export import finished_trials
+        from mnm_search.pareto import objective_maximise, pareto_front, read_results
+        from mnm_search.plot import COST_AXES
+
         self.dir = results_dir
         trials, _, self.run_info = read_results(results_dir)
         self.trials = trials
@@ -81,6 +75,8 @@ class Results:
     def _seed_kind(self, rows: pd.DataFrame) -> pd.Series:
         """What each row's seed is ("uniform", "min-slope", "named", or empty): the
         `seed_kind` column; results written before it existed had only the label."""
+        import pandas as pd
+
         if "seed_kind" in rows.columns:
             return rows["seed_kind"].fillna("").astype(str)
         if "source" not in rows.columns:
@@ -151,6 +147,10 @@ def width_names(run_info: dict[str, Any]) -> dict[int, str]:
 
 def front_table(results: Results) -> pd.DataFrame:
     """The front with perplexity and the comparison with the nearest uniform model (by cost)."""
+    import pandas as pd
+
+    from mnm_search.evaluator import perplexity
+
     front = results.front.sort_values(results.cost).reset_index(drop=True)
     uniform, _ = results.labelled()
     rows = []
@@ -188,6 +188,8 @@ def front_table(results: Results) -> pd.DataFrame:
 
 def named_table(results: Results) -> pd.DataFrame:
     """Each named configuration next to the best front member that costs no more."""
+    import pandas as pd
+
     front = results.front
     rows = []
     for _, row in results.named().iterrows():
@@ -227,6 +229,9 @@ def write_outputs(
 
     `budget` (in the cost column's unit) overrides the search's own constraint, if any.
     """
+    from mnm_search.pareto import PARETO_FILE
+    from mnm_search.plot import COST_AXES, pareto_figure, quality_label, save_figure, width_heatmap
+
     csv = results.dir / PARETO_FILE
     atomic_write_text(csv, results.front.to_csv(index=False))
     uniform, heuristic = results.labelled()
@@ -259,6 +264,8 @@ def refuse_overwriting_inputs(results: Results, figure: Path | None, option: str
     """A figure path must not replace the search's own files or the searched checkpoint."""
     if figure is None:
         return
+    from mnm_search.checkpoint import default_checkpoint_path
+    from mnm_search.pareto import PARETO_FILE, RUN_FILE, TRIALS_FILE
     from mnm_search.study import JOURNAL_FILE
 
     info = results.run_info
@@ -288,6 +295,8 @@ def _target_name(run_info: dict[str, Any]) -> str | None:
 
 
 def print_front(results: Results, table: pd.DataFrame) -> None:
+    import pandas as pd
+
     unit = {"latency_ms": "ms", "params": "params", "memory_bytes": "MiB"}[results.cost]
     title = (
         f"Pareto front of {results.dir}: {len(table)} of {len(results.finished)} finished "
@@ -350,6 +359,8 @@ def print_front(results: Results, table: pd.DataFrame) -> None:
 
 
 def print_named(results: Results, named: pd.DataFrame) -> None:
+    import pandas as pd
+
     view = Table(title="Named configurations (MatFormer Lab) under this profile")
     view.add_column("name")
     for column in ("trial", "loss", results.cost, "on front", "best front ≤ cost"):

@@ -20,9 +20,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from mnm_search import profiler
 from mnm_search._files import refuse_overlap
-from mnm_search.checkpoint import default_checkpoint_path
 from mnm_search.cli._common import (
     CkptArg,
     JsonOpt,
@@ -37,12 +35,17 @@ from mnm_search.cli._common import (
 )
 from mnm_search.errors import ConfigError
 from mnm_search.families import load_family
-from mnm_search.latency import LatencyModel
-from mnm_search.profiler import write_profile
 from mnm_search.targets import HardwareTarget, default_target, load_target
 
 if TYPE_CHECKING:
     from mnm_search.families.base import Family
+    from mnm_search.latency import LatencyModel
+
+
+# Held-out configurations timed in fresh processes by default (`--fresh`): each such process
+# costs 1-4 s of start-up (importing torch), so the quick profile times fewer.
+FRESH_CONFIGS = 8
+FRESH_CONFIGS_QUICK = 4
 
 
 def resolve_target(path: Path | None) -> HardwareTarget:
@@ -55,6 +58,8 @@ def load_profile_for(family: Family, path: Path) -> LatencyModel:
     An exported submodel (not universal) may use its source checkpoint's profile, named in its
     metadata. A hardware mismatch is printed as a warning on stderr.
     """
+    from mnm_search.latency import LatencyModel
+
     expected = family.fingerprint
     if not family.is_universal:
         metadata = family.describe().get("metadata") or {}
@@ -124,6 +129,16 @@ def profile(
             "(native checkpoints; others measure every width they can take).",
         ),
     ] = None,
+    fresh: Annotated[
+        int | None,
+        typer.Option(
+            "--fresh",
+            min=0,
+            help=f"Held-out configurations to export and time in fresh processes, loaded "
+            f"with load_model as a deployment does (default {FRESH_CONFIGS}, --quick "
+            f"{FRESH_CONFIGS_QUICK}, at most the target's validation; 0 skips).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     step: StepOpt = None,
 ) -> None:
@@ -133,10 +148,14 @@ def profile(
     layer's FFN at every trained width; Gemma 3n: each whole decoder layer at every width
     step, so a dropped layer costs nothing), calibrates on sampled configurations run as
     export ships them, and validates on held-out ones next to the noise floor (the same
-    configurations measured twice).
+    configurations measured twice), then on other held-out ones exported and timed in fresh
+    processes, as a deployment runs them.
 
     Example: mnm profile --target profiles/cpu-decode.yaml --out decode.json --quick
     """
+    from mnm_search.checkpoint import default_checkpoint_path
+    from mnm_search.profiler import write_profile
+
     target = resolve_target(target_path)
     extra = _parse_extra_widths(measure_widths)
     destination = out_path or Path(f"profile-{target.name}.json")
@@ -147,15 +166,19 @@ def profile(
     check_writable(destination)
     family = load_for_target(ckpt, target, step=step)
     err.print(f"Profiling {target.describe()}", highlight=False)
-    result = profile_loaded(family, target, quick=quick, extra_widths=extra)
+    result = profile_loaded(family, target, quick=quick, extra_widths=extra, fresh=fresh)
     write_profile(result, destination)
     print_latency_model_warnings(result["warnings"])  # stderr: --json stays one object
+    print_fresh_warnings(result["fresh_validation"].get("warnings") or [])
     if as_json:
         print_json(
             {
                 "profile": str(destination),
                 "target": result["target"],
                 "validation": {k: v for k, v in result["validation"].items() if k != "samples"},
+                "fresh_validation": {
+                    k: v for k, v in result["fresh_validation"].items() if k != "samples"
+                },
                 "warnings": result["warnings"],
                 "seconds": result["timing"]["seconds"],
             }
@@ -261,10 +284,11 @@ def _grouped_costs(costs: dict[str, Any]) -> list[tuple[str, float]]:
 
 
 def print_validation(result: dict[str, Any]) -> None:
-    """The held-out accuracy of a profile next to the naive table and the noise floor."""
+    """The held-out accuracy of a profile next to the naive table and the noise floor, in
+    this process and in fresh processes (each exported model loaded on its own)."""
     validation = result["validation"]
     naive, noise = validation["naive"], validation["noise_floor"]
-    quality = Table(title=f"Held-out validation ({validation['n']} sliced models)")
+    quality = Table(title=f"Held-out validation, in this process ({validation['n']} sliced models)")
     quality.add_column("metric")
     for column in ("calibrated model", "naive table", "noise floor"):
         add_number_column(quality, column)
@@ -290,6 +314,47 @@ def print_validation(result: dict[str, Any]) -> None:
         _pct(noise["max_abs_pct_err"]),
     )
     out.print(quality)
+    print_fresh_validation(result.get("fresh_validation"))
+
+
+def print_fresh_validation(fresh: dict[str, Any] | None) -> None:
+    """The fresh-process validation block, or why a profile has none."""
+    if not fresh or not fresh.get("n"):
+        why = (fresh or {}).get("error") or (fresh or {}).get("skipped")
+        why = why or "this profile predates it; re-run `mnm profile`"
+        out.print(f"Fresh-process validation: none ({escape(str(why))})", highlight=False)
+        return
+    protocol, noise = fresh["protocol"], fresh["noise_floor"]
+    corrected, alone = fresh["drift_corrected"], fresh["in_process_fit"]
+    table = Table(
+        title=f"Held-out validation, fresh processes ({fresh['n']} exported models, "
+        f"load_model, {protocol['warmup']} warm-ups, median of {protocol['runs']})"
+    )
+    table.add_column("metric")
+    for column in (
+        "profile",
+        "drift-corrected",
+        "in-process fit",
+        f"noise floor ({noise['n']}x reference)",
+    ):
+        add_number_column(table, column)
+    rows = [(fresh, "mape_pct"), (corrected, "mape_pct"), (alone, "mape_pct")]
+    table.add_row("MAPE", *(_pct(block[key]) for block, key in rows), _pct(noise["mape_pct"]))
+    table.add_row("Spearman", *(_num(block["spearman"]) for block, _ in rows), "")
+    table.add_row("within ±10 %", *(f"{block['within_10pct']:.0%}" for block, _ in rows), "")
+    table.add_row(
+        "max error",
+        *(_pct(block["max_abs_pct_err"]) for block, _ in rows),
+        _pct(noise["max_abs_pct_err"]),
+    )
+    out.print(table)
+    out.print(
+        f"Fresh-process scale {fresh['fresh_scale']:.3f} (deployed over profiled time, median; "
+        f"the full model alone: {fresh['reference']['fresh_over_in_process']:.3f}x) is in the "
+        f"profile's predictions, each held-out one scaled without its own timing; the "
+        f"in-process fit is unscaled.",
+        highlight=False,
+    )
 
 
 def print_latency_model_warnings(problems: Sequence[str]) -> None:
@@ -304,6 +369,23 @@ def print_latency_model_warnings(problems: Sequence[str]) -> None:
             f"with `threads: 1`, raise `repeats` in the target YAML, and re-run `mnm profile` "
             f"without --quick.",
             title="[bold]Warning: this latency model is unreliable[/]",
+            border_style="yellow",
+        ),
+        highlight=False,
+    )
+
+
+def print_fresh_warnings(problems: Sequence[str]) -> None:
+    """A box on stderr when exported models in their own processes miss the predictions."""
+    if not problems:
+        return
+    lines = "\n".join(f"- {escape(text)}" for text in problems)
+    err.print(
+        Panel(
+            f"{lines}\n\nIn-process timings and deployed models disagree: latency budgets "
+            f"may not hold after export. Re-run `mnm profile` on an idle machine; if it "
+            f"persists, compare with `mnm export` measured latencies.",
+            title="[bold]Warning: predictions may not hold in a deployment[/]",
             border_style="yellow",
         ),
         highlight=False,
@@ -332,9 +414,15 @@ def profile_loaded(
     quick: bool,
     allow_skip: bool = True,
     extra_widths: Sequence[int] = (),
+    fresh: int | None = None,
 ) -> dict[str, Any]:
     """Put `family` on the target (`prepare_for_target`) and profile it, one rich progress
-    bar per stage. Returns the profile JSON as a dict (`write_profile` writes it)."""
+    bar per stage. `fresh`: held-out configurations timed in fresh processes (None: the
+    default for `quick`). Returns the profile JSON as a dict (`write_profile` writes it)."""
+    from mnm_search import profiler
+
+    if fresh is None:  # never more than the target's in-process held-out sample
+        fresh = min(FRESH_CONFIGS_QUICK if quick else FRESH_CONFIGS, target.validation)
     prepared = family.prepare_for_target(target)
     with stage_progress() as on_progress:
         return profiler.profile(
@@ -344,4 +432,5 @@ def profile_loaded(
             allow_skip=allow_skip,
             on_progress=on_progress,
             extra_widths=extra_widths,
+            fresh=fresh,
         )

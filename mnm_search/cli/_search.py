@@ -33,18 +33,14 @@ from mnm_search.cli._common import (
 from mnm_search.errors import ConfigError, Terminated
 from mnm_search.families import load_family
 from mnm_search.families.base import Family
-from mnm_search.pareto import parse_widths_column
-from mnm_search.redact import redact, url_secrets
-from mnm_search.study import (
+from mnm_search.options import (
     DEFAULT_SAMPLER,
     MAXIMISED,
     OBJECTIVES,
     SAMPLERS,
     SINGLE_OBJECTIVES,
-    SearchProgress,
-    SearchSettings,
-    run_search,
 )
+from mnm_search.redact import redact, url_secrets
 
 PROFILE_FILE = "profile.json"
 
@@ -176,7 +172,15 @@ def search(
         ),
     ] = None,
     sampler: Annotated[
-        str, typer.Option("--sampler", help=f"One of {', '.join(SAMPLERS)}.")
+        str,
+        typer.Option(
+            "--sampler",
+            help=f"One of {', '.join(SAMPLERS)}. auto (the default) enumerates the whole space "
+            "when that is estimated to take no longer than --trials sampled trials (then every "
+            "configuration within the limits is decided, racing over chunks of the eval data), "
+            "else uses the GP sampler, handing over to TPE once the GP's own time outgrows an "
+            "evaluation's; it prints which and why. exhaustive evaluates every configuration.",
+        ),
     ] = DEFAULT_SAMPLER,
     max_latency_ms: Annotated[
         float | None, typer.Option("--max-latency-ms", help="Constraint: predicted latency.")
@@ -243,6 +247,9 @@ def search(
 
     Example: mnm search --profile profile-cpu-prefill.json --trials 200
     """
+    from mnm_search.pareto import parse_widths_column
+    from mnm_search.study import SearchProgress, SearchSettings, run_search
+
     names = _objectives(objectives)
     settings = SearchSettings(
         n_trials=trials,
@@ -334,6 +341,9 @@ def search(
                     f"toward --trials; their reason is in trials.csv)",
                     soft_wrap=True,
                 )
+            if event.stage is not None:  # an enumeration's pass: no new trial yet
+                progress.update(tasks[0], status=event.stage)
+                return
             parts = [f"{event.trials_per_s:.2f} trials/s"]
             if event.n_failed:
                 parts.append(f"{event.n_failed} failed")
@@ -366,6 +376,7 @@ def search(
                 on_warning=on_warning,
                 named_configs=named,
                 handle_signals=True,
+                on_strategy=lambda message: progress.console.print(escape(message), soft_wrap=True),
             )
         except KeyboardInterrupt as exc:  # SearchInterrupted, or Ctrl-C before the study ran
             progress.stop()

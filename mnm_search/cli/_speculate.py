@@ -12,9 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from mnm_search import _speculate_sweep as sweep
 from mnm_search._files import atomic_write_text, json_text, refuse_overlap
-from mnm_search.checkpoint import default_checkpoint_path
 from mnm_search.cli._common import (
     CkptArg,
     JsonOpt,
@@ -31,11 +29,11 @@ from mnm_search.cli._pareto import Results, refuse_overwriting_inputs
 from mnm_search.cli._profile import load_profile_for
 from mnm_search.errors import ConfigError
 from mnm_search.families import load_family
-from mnm_search.pareto import parse_widths_column
-from mnm_search.profiler import select_device
+from mnm_search.options import DEFAULT_LOOKAHEADS, DEFAULT_N_PROMPTS, DEFAULT_PROMPT_TOKENS
 from mnm_search.targets import HardwareTarget, load_target
 
 if TYPE_CHECKING:
+    from mnm_search import _speculate_sweep as sweep
     from mnm_search.families.base import Family
 
 DEFAULT_TARGET = "cpu-decode"
@@ -47,6 +45,9 @@ def _candidates(
     family: Family, draft: str | None, results: Results | None
 ) -> tuple[list[sweep.Candidate], int | None]:
     """The drafts to measure, and the shipped lookahead (if the checkpoint ships a draft)."""
+    from mnm_search import _speculate_sweep as sweep
+    from mnm_search.pareto import parse_widths_column
+
     if draft is not None:
         widths = tuple(family.parse_widths(draft))
         if widths == tuple(family.full_widths()):
@@ -75,6 +76,8 @@ def _candidates(
 
 def _lookaheads(spec: str | None, shipped: int | None, max_new_tokens: int) -> list[int]:
     """--lookahead, else the shipped one, else the default sweep (those a run can use)."""
+    from mnm_search import _speculate_sweep as sweep
+
     if spec is not None:
         values = sweep.parse_lookaheads(spec)
         too_long = [k for k in values if k > max(1, max_new_tokens - 1)]
@@ -87,7 +90,7 @@ def _lookaheads(spec: str | None, shipped: int | None, max_new_tokens: int) -> l
         return values
     if shipped is not None:
         return [shipped]
-    usable = [k for k in sweep.DEFAULT_LOOKAHEADS if k <= max(1, max_new_tokens - 1)]
+    usable = [k for k in DEFAULT_LOOKAHEADS if k <= max(1, max_new_tokens - 1)]
     return usable or [1]
 
 
@@ -245,7 +248,7 @@ def speculate(
             "--lookahead",
             "-k",
             help="Tokens drafted per round: one or comma-separated (default: the shipped "
-            "draft's, else 1,2,3,4,6,8).",
+            f"draft's, else {','.join(map(str, DEFAULT_LOOKAHEADS))}).",
         ),
     ] = None,
     target_path: Annotated[
@@ -277,7 +280,7 @@ def speculate(
         typer.Option(
             "--n-prompts",
             min=1,
-            help=f"Prompts to decode (default {sweep.DEFAULT_N_PROMPTS}; with --prompts: "
+            help=f"Prompts to decode (default {DEFAULT_N_PROMPTS}; with --prompts: "
             "every paragraph, or the first N).",
         ),
     ] = None,
@@ -286,8 +289,8 @@ def speculate(
         typer.Option(
             "--prompt-tokens",
             min=1,
-            help="Tokens per prompt taken from the bundled validation text (default 64, at "
-            "most half the model's evaluation window).",
+            help="Tokens per prompt taken from the bundled validation text (default "
+            f"{DEFAULT_PROMPT_TOKENS}, at most half the model's evaluation window).",
         ),
     ] = None,
     max_new_tokens: Annotated[
@@ -323,6 +326,10 @@ def speculate(
 
     Example: mnm speculate --draft S*6 --lookahead 2,4 --max-new-tokens 32 --n-prompts 2
     """
+    from mnm_search import _speculate_sweep as sweep
+    from mnm_search.checkpoint import default_checkpoint_path
+    from mnm_search.profiler import select_device
+
     if draft is not None and from_dir is not None:
         raise ConfigError("give --draft W or --from RESULTS_DIR, not both")
     if prompts_file is not None and prompt_tokens is not None:
