@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,18 @@ def usable(frame: pd.DataFrame) -> pd.DataFrame:
     return done.dropna(subset=OBJECTIVES)
 
 
+def pooled_reference(
+    frames: Iterable[pd.DataFrame],
+) -> tuple[pd.DataFrame, list[float], list[float], float]:
+    """The pooled front of all runs' usable trials, the pooled ideal and nadir, and the
+    front's hypervolume: what each run's hypervolume is measured against."""
+    pooled = pd.concat([usable(f) for f in frames], ignore_index=True)
+    ideal = pooled[OBJECTIVES].min().tolist()
+    nadir = pooled[OBJECTIVES].max().tolist()
+    front = pareto_front(pooled, OBJECTIVES)
+    return front, ideal, nadir, hypervolume(front, OBJECTIVES, ideal=ideal, nadir=nadir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path)
@@ -53,22 +66,21 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     runs = dict(load_run(d) for d in args.dirs)
-    pooled = pd.concat([usable(f) for f in runs.values()], ignore_index=True)
-    ideal = pooled[OBJECTIVES].min().tolist()
-    nadir = pooled[OBJECTIVES].max().tolist()
-    reference = hypervolume(pareto_front(pooled, OBJECTIVES), OBJECTIVES, ideal=ideal, nadir=nadir)
+    pooled_front, ideal, nadir, reference = pooled_reference(runs.values())
     checkpoints = [int(c) for c in args.checkpoints.split(",")]
     result: dict[str, Any] = {
         "objectives": OBJECTIVES,
-        "pooled_front_size": len(pareto_front(pooled, OBJECTIVES)),
-        "pooled_trials": len(pooled),
+        "pooled_front_size": len(pooled_front),
+        "pooled_trials": sum(len(usable(f)) for f in runs.values()),
         "runs": {},
     }
-    print(f"pooled reference: {len(pooled)} trials, front of {result['pooled_front_size']}")
+    print(
+        f"pooled reference: {result['pooled_trials']} trials, "
+        f"front of {result['pooled_front_size']}"
+    )
     header = " | ".join(f"{c} evals" for c in checkpoints)
     print(f"| sampler | {header} | wall s at {checkpoints[-1]} | front members from it |")
     print(f"|---|{'---|' * len(checkpoints)}---|---|")
-    pooled_front = pareto_front(pooled, OBJECTIVES)
     for name, frame in runs.items():
         ratios, walls = {}, {}
         for count in checkpoints:

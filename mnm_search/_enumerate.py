@@ -103,12 +103,14 @@ def sweep_layer_passes(space: SearchSpace, *, cheap_siblings: bool) -> int:
 
 
 @torch.inference_mode()
-def seconds_per_layer_pass(family: Family, eval_set: EvalSet, *, batch_size: int) -> float:
-    """Time of one layer pass (the widest FFN and its siblings) over all of `eval_set`,
-    timed on its first batch and scaled to the number of batches."""
+def seconds_per_layer_pass(
+    family: Family, eval_set: EvalSet, first_layer_widths: Sequence[int], *, batch_size: int
+) -> float:
+    """Time of one pass of the first layer (its widest width and, where cheap, the siblings
+    `first_layer_widths`) over all of `eval_set`, timed on its first batch and scaled."""
     steps = family.layer_steps()
     state = steps.embed(eval_set.inputs[:batch_size])
-    widths = sorted(set(family.search_space().choices[0]))
+    widths = sorted(set(first_layer_widths))
     if not steps.cheap_siblings:
         widths = widths[-1:]
     steps.layer(0, state, widths)  # warm-up: first calls allocate
@@ -166,11 +168,13 @@ def estimate_strategy(
 
 
 def _duration(seconds: float) -> str:
+    if seconds > 100 * 365 * 86400:  # 30 layers of 8 widths: 10^27 configurations
+        return "centuries"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 3600:,.0f} h"
 
 
 def chunk_bounds(n_windows: int, first: int) -> list[tuple[int, int]]:

@@ -726,16 +726,23 @@ def make_sampler(name: str, *, seed: int, n_objectives: int) -> optuna.samplers.
     raise ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 
+# Where Optuna keeps an enqueued trial's parameters (`Study.enqueue_trial`).
+_ENQUEUED = "fixed_params"
+
+
 class BoundedGPSampler(optuna.samplers.BaseSampler):
     """The GP sampler while its suggestions cost less than the evaluations they choose; TPE
     after that, so that the sampler's own time stays a bounded share of the search.
 
     The GP refits on every trial, so its time per suggestion grows with the trials (seconds
     per suggestion after ~100); where an evaluation takes milliseconds a GP-driven search
-    would mostly wait for the GP. After `min_trials` suggestions it compares the median of
-    the last `window` suggestion times with the median evaluation time (a trial's duration
-    minus its suggestion) and hands over for good when the GP is slower: TPE learns from the
-    same trials, the GP's included. `switch` says when and why (None while on the GP).
+    would mostly wait for the GP. Seeds (enqueued trials) are not sent to the GP at all:
+    Optuna would have it fit a model for parameters that are already fixed, and their
+    evaluations (short shared prefixes) say little about later ones. After `min_trials` of
+    its own suggestions it compares the median of the last `window` suggestion times with the
+    median evaluation time (a trial's duration minus its suggestion) and hands over for good
+    when the GP is slower: TPE learns from the same trials, the GP's included. `switch` says
+    when and why (None while on the GP).
     """
 
     def __init__(
@@ -758,9 +765,13 @@ class BoundedGPSampler(optuna.samplers.BaseSampler):
         self._eval_s: list[float] = []
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
+        if _ENQUEUED in trial.system_attrs:  # a seed: its parameters are given
+            return {}
         return self.active.infer_relative_search_space(study, trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: Any) -> Any:
+        if not space:  # a seed, or no relative space yet: nothing for the GP to fit
+            return {}
         started = time.perf_counter()
         try:
             return self.active.sample_relative(study, trial, space)
@@ -1327,7 +1338,9 @@ def choose_strategy(
     return estimate_strategy(
         space=space,
         n_trials=settings.n_trials,
-        layer_pass_s=seconds_per_layer_pass(family, eval_set, batch_size=settings.batch_size),
+        layer_pass_s=seconds_per_layer_pass(
+            family, eval_set, space.choices[0], batch_size=settings.batch_size
+        ),
         cheap_siblings=family.layer_steps().cheap_siblings,
         race=race,
         shared_storage=shared_storage,
@@ -1429,8 +1442,17 @@ class _Enumerated:
         self, study: optuna.Study, sink: ResultsSink, worker: str, decisions: list[Decision]
     ) -> None:
         now = datetime.now()
+        # Another process enumerating the same study (a shared journal) may have decided
+        # some of these meanwhile: the work is repeated, but never a trial.
+        present = {
+            tuple(self.space.from_params(t.params))
+            for t in study.get_trials(deepcopy=False)
+            if len(t.params) == self.space.n_layers and t.state != TrialState.RUNNING
+        }
         trials = []
         for decision in decisions:
+            if decision.widths in present:
+                continue
             metrics = {**self.metrics[decision.widths], **decision.metrics}
             if decision.metrics:
                 metrics.update(speculation_metrics(metrics, self.costs.full_latency_ms))
@@ -1464,8 +1486,9 @@ class _Enumerated:
                     trial_id=0,
                 )
             )
-        study.add_trials(trials)
-        sink.after_trials(study, trials)
+        if trials:
+            study.add_trials(trials)
+            sink.after_trials(study, trials)
 
 
 def _evaluator(

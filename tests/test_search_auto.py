@@ -234,7 +234,7 @@ class _SlowRandom(optuna.samplers.RandomSampler):
         self.delay = delay
 
     def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
-        return {}
+        return {"x": optuna.distributions.FloatDistribution(0, 1)}
 
     def sample_relative(self, study: Any, trial: Any, space: Any) -> dict[str, Any]:
         time.sleep(self.delay)
@@ -264,3 +264,59 @@ def test_gp_hands_over_to_tpe_when_it_costs_more_than_an_evaluation(
     assert heard == ([sampler.switch] if switched else [])
     if switched:
         assert "TPE from here on" in sampler.switch
+
+
+class _CountingRandom(optuna.samplers.RandomSampler):
+    """A stand-in GP that counts the trials it is asked to model."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=0)
+        self.asked: list[int] = []
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return {"x": optuna.distributions.FloatDistribution(0, 1)}
+
+    def sample_relative(self, study: Any, trial: Any, space: Any) -> dict[str, Any]:
+        self.asked.append(trial.number)
+        return {}
+
+
+def test_seeds_are_not_sent_to_the_gp() -> None:
+    """Enqueued trials have their parameters: fitting a GP for them is wasted time, and their
+    timings must not decide the hand-over."""
+    gp = _CountingRandom()
+    sampler = BoundedGPSampler(gp, optuna.samplers.RandomSampler(seed=1))
+    study = optuna.create_study(sampler=sampler)
+    for x in (0.1, 0.2, 0.3):
+        study.enqueue_trial({"x": x})
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=5)
+    assert gp.asked == [3, 4]
+    assert [t.params["x"] for t in study.trials[:3]] == [0.1, 0.2, 0.3]
+
+
+def test_an_enumeration_never_records_a_configuration_twice(
+    family: MatLMFamily, eval_set: EvalSet, tmp_path: Path
+) -> None:
+    """Another process enumerating the same journal may decide a configuration first."""
+    from mnm_search._enumerate import Decision, Strategy
+    from mnm_search.study import CostModel, _Enumerated, open_storage
+
+    settings = SearchSettings(objectives=("loss", "params"), n_trials=10)
+    run_search(
+        family, family.search_space(), settings, eval_set, study_name="s", results_dir=tmp_path
+    )
+    study = optuna.load_study(study_name="s", storage=open_storage(None, tmp_path))
+    before = len(study.trials)
+    enumerated = _Enumerated(
+        family,
+        family.search_space(),
+        settings,
+        eval_set,
+        CostModel(family),
+        {},
+        [],
+        Strategy("enumerate", "test", race=True),
+    )
+    late = Decision((8, 8, 8, 8), {"loss": 1.0, "fidelity": "full"}, 0.0)
+    enumerated._record(study, None, "other-worker", [late])  # type: ignore[arg-type]
+    assert len(study.trials) == before
