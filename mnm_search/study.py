@@ -730,107 +730,12 @@ def make_sampler(name: str, *, seed: int, n_objectives: int) -> optuna.samplers.
 _ENQUEUED = "fixed_params"
 
 
-class BoundedGPSampler(optuna.samplers.BaseSampler):
-    """The GP sampler while its suggestions cost less than the evaluations they choose; TPE
-    after that, so that the sampler's own time stays a bounded share of the search.
+class _DelegatingSampler(optuna.samplers.BaseSampler):
+    """Passes every sampler call on to `self.inner`; subclasses change the ones they need."""
 
-    The GP refits on every trial, so its time per suggestion grows with the trials (seconds
-    per suggestion after ~100); where an evaluation takes milliseconds a GP-driven search
-    would mostly wait for the GP. Seeds (enqueued trials) are not sent to the GP at all:
-    Optuna would have it fit a model for parameters that are already fixed, and their
-    evaluations (short shared prefixes) say little about later ones. After `min_trials` of
-    its own suggestions it compares the median of the last `window` suggestion times with the
-    median evaluation time (a trial's duration minus its suggestion) and hands over for good
-    when the GP is slower: TPE learns from the same trials, the GP's included. `switch` says
-    when and why (None while on the GP).
-    """
-
-    def __init__(
-        self,
-        gp: optuna.samplers.BaseSampler,
-        fallback: optuna.samplers.BaseSampler,
-        *,
-        min_trials: int = 15,
-        window: int = 5,
-    ) -> None:
-        self.gp = gp
-        self.fallback = fallback
-        self.min_trials = min_trials
-        self.window = window
-        self.active = gp
-        self.switch: str | None = None
-        self.on_switch: Callable[[str], None] | None = None
-        self._suggest_s: dict[int, float] = {}  # trial number -> the sampler's time on it
-        self._gp_s: list[float] = []
-        self._eval_s: list[float] = []
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
-        if _ENQUEUED in trial.system_attrs:  # a seed: its parameters are given
-            return {}
-        return self.active.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: Any) -> Any:
-        if not space:  # a seed, or no relative space yet: nothing for the GP to fit
-            return {}
-        started = time.perf_counter()
-        try:
-            return self.active.sample_relative(study, trial, space)
-        finally:
-            self._suggest_s[trial.number] = time.perf_counter() - started
-
-    def sample_independent(
-        self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: Any
-    ) -> Any:
-        return self.active.sample_independent(study, trial, name, distribution)
+    inner: optuna.samplers.BaseSampler
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.active.before_trial(study, trial)
-
-    def after_trial(
-        self,
-        study: optuna.Study,
-        trial: FrozenTrial,
-        state: TrialState,
-        values: Sequence[float] | None,
-    ) -> None:
-        self.active.after_trial(study, trial, state, values)
-        suggest = self._suggest_s.pop(trial.number, None)
-        if self.active is not self.gp or suggest is None or trial.datetime_start is None:
-            return
-        total = (datetime.now() - trial.datetime_start).total_seconds()
-        self._gp_s.append(suggest)
-        self._eval_s.append(max(total - suggest, 0.0))
-        if len(self._gp_s) < self.min_trials:
-            return
-        gp_s = statistics.median(self._gp_s[-self.window :])
-        eval_s = statistics.median(self._eval_s[-self.window :])
-        if gp_s > eval_s:
-            self.active = self.fallback
-            self.switch = (
-                f"after {len(self._gp_s)} trials the GP took {gp_s:.2f} s per suggestion, "
-                f"more than an evaluation ({eval_s:.2f} s): TPE from here on"
-            )
-            if self.on_switch is not None:
-                self.on_switch(self.switch)
-
-    def reseed_rng(self) -> None:
-        self.gp.reseed_rng()
-        self.fallback.reseed_rng()
-
-
-class _OwnedSampler(optuna.samplers.BaseSampler):
-    """Delegates to a sampler, but first tags each new trial with its worker.
-
-    Tagging in `before_trial` (before the sampler's possibly slow model fit) leaves almost
-    no window in which a killed worker's RUNNING trial has no owner to check.
-    """
-
-    def __init__(self, inner: optuna.samplers.BaseSampler, worker: str) -> None:
-        self.inner = inner
-        self.worker = worker
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        study._storage.set_trial_user_attr(trial._trial_id, "worker", self.worker)
         self.inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
@@ -855,6 +760,102 @@ class _OwnedSampler(optuna.samplers.BaseSampler):
 
     def reseed_rng(self) -> None:
         self.inner.reseed_rng()
+
+
+class BoundedGPSampler(_DelegatingSampler):
+    """The GP sampler while its suggestions cost less than the evaluations they choose; TPE
+    after that, so that the sampler's own time stays a bounded share of the search.
+
+    The GP refits on every trial, so its time per suggestion grows with the trials (seconds
+    per suggestion after ~100); where an evaluation takes milliseconds a GP-driven search
+    would mostly wait for the GP. Seeds (enqueued trials) are not sent to the GP at all:
+    Optuna would have it fit a model for parameters that are already fixed, and their
+    evaluations (short shared prefixes) say little about later ones. After `min_trials` of
+    its own suggestions it compares the median of the last `window` suggestion times with the
+    median evaluation time (a trial's duration minus its suggestion) and hands over for good
+    when the GP is slower: TPE learns from the same trials, the GP's included. `inner` is the
+    sampler in charge; `switch` says when and why it changed (None while on the GP).
+    """
+
+    def __init__(
+        self,
+        gp: optuna.samplers.BaseSampler,
+        fallback: optuna.samplers.BaseSampler,
+        *,
+        min_trials: int = 15,
+        window: int = 5,
+    ) -> None:
+        self.gp = gp
+        self.fallback = fallback
+        self.min_trials = min_trials
+        self.window = window
+        self.inner = gp
+        self.switch: str | None = None
+        self.on_switch: Callable[[str], None] | None = None
+        self._suggest_s: dict[int, float] = {}  # trial number -> the sampler's time on it
+        self._gp_s: list[float] = []
+        self._eval_s: list[float] = []
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
+        if _ENQUEUED in trial.system_attrs:  # a seed: its parameters are given
+            return {}
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: Any) -> Any:
+        if not space:  # a seed, or no relative space yet: nothing for the GP to fit
+            return {}
+        started = time.perf_counter()
+        try:
+            return self.inner.sample_relative(study, trial, space)
+        finally:
+            self._suggest_s[trial.number] = time.perf_counter() - started
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self.inner.after_trial(study, trial, state, values)
+        suggest = self._suggest_s.pop(trial.number, None)
+        if self.inner is not self.gp or suggest is None or trial.datetime_start is None:
+            return
+        total = (datetime.now() - trial.datetime_start).total_seconds()
+        self._gp_s.append(suggest)
+        self._eval_s.append(max(total - suggest, 0.0))
+        if len(self._gp_s) < self.min_trials:
+            return
+        gp_s = statistics.median(self._gp_s[-self.window :])
+        eval_s = statistics.median(self._eval_s[-self.window :])
+        if gp_s > eval_s:
+            self.inner = self.fallback
+            self.switch = (
+                f"after {len(self._gp_s)} trials the GP took {gp_s:.2f} s per suggestion, "
+                f"more than an evaluation ({eval_s:.2f} s): TPE from here on"
+            )
+            if self.on_switch is not None:
+                self.on_switch(self.switch)
+
+    def reseed_rng(self) -> None:
+        self.gp.reseed_rng()
+        self.fallback.reseed_rng()
+
+
+class _OwnedSampler(_DelegatingSampler):
+    """Delegates to a sampler, but first tags each new trial with its worker.
+
+    Tagging in `before_trial` (before the sampler's possibly slow model fit) leaves almost
+    no window in which a killed worker's RUNNING trial has no owner to check.
+    """
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, worker: str) -> None:
+        self.inner = inner
+        self.worker = worker
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        study._storage.set_trial_user_attr(trial._trial_id, "worker", self.worker)
+        self.inner.before_trial(study, trial)
 
 
 def _worker_id() -> str:

@@ -259,7 +259,7 @@ def test_gp_hands_over_to_tpe_when_it_costs_more_than_an_evaluation(
         return trial.suggest_float("x", 0, 1)
 
     study.optimize(objective, n_trials=8)
-    assert (sampler.active is fallback) is switched
+    assert (sampler.inner is fallback) is switched
     assert (sampler.switch is not None) is switched
     assert heard == ([sampler.switch] if switched else [])
     if switched:
