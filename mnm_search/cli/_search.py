@@ -176,7 +176,8 @@ def search(
         typer.Option(
             "--sampler",
             help=f"One of {', '.join(SAMPLERS)}. auto (the default) enumerates the whole space "
-            "when that is estimated to take no longer than --trials sampled trials (then every "
+            "when that is estimated to take at most a minute or no longer than --trials sampled "
+            "trials (then every "
             "configuration within the limits is decided, racing over chunks of the eval data), "
             "else uses the GP sampler, handing over to TPE once the GP's own time outgrows an "
             "evaluation's; it prints which and why. exhaustive evaluates every configuration.",
