@@ -60,6 +60,24 @@ def truth(family: MatLMFamily, eval_set: EvalSet) -> dict[str, float]:
     }
 
 
+def _truth_frame(truth: dict[str, float], family: MatLMFamily) -> pd.DataFrame:
+    """The plain-forward losses with each configuration's parameter count."""
+    return pd.DataFrame(
+        [
+            {"widths": w, "loss": loss, "params": family.param_count(family.parse_widths(w))}
+            for w, loss in truth.items()
+        ]
+    )
+
+
+def _search(
+    family: MatLMFamily, eval_set: EvalSet, out: Path, settings: SearchSettings, **kwargs: Any
+) -> Any:
+    return run_search(
+        family, family.search_space(), settings, eval_set, study_name="s", results_dir=out, **kwargs
+    )
+
+
 @pytest.mark.parametrize(
     ("n_windows", "first", "bounds"),
     [
@@ -147,15 +165,7 @@ def test_auto_search_enumerates_a_cheap_space(
 ) -> None:
     messages: list[str] = []
     settings = SearchSettings(objectives=("loss", "params"), n_trials=10)
-    result = run_search(
-        family,
-        family.search_space(),
-        settings,
-        eval_set,
-        study_name="s",
-        results_dir=tmp_path / "r",
-        on_strategy=messages.append,
-    )
+    result = _search(family, eval_set, tmp_path / "r", settings, on_strategy=messages.append)
     assert result.run_info["strategy"]["name"] == "enumerate"
     assert messages and messages[0].startswith("auto: all 256 configurations")
     trials = result.trials
@@ -163,28 +173,12 @@ def test_auto_search_enumerates_a_cheap_space(
     assert set(trials["fidelity"]) <= {"full", "subset"}
     sources = dict(zip(trials["widths"], trials["source"], strict=True))
     assert sources["64,64,64,64"] == "uniform XL" and sources["8,8,8,8"] == "uniform S"
-    frame = pd_frame(truth, family)
+    frame = _truth_frame(truth, family)
     assert set(result.pareto["widths"]) == set(pareto_front(frame, ["loss", "params"])["widths"])
     assert (result.pareto["fidelity"] == "full").all()
     # Re-running resumes: nothing is left to decide.
-    again = run_search(
-        family,
-        family.search_space(),
-        settings,
-        eval_set,
-        study_name="s",
-        results_dir=tmp_path / "r",
-    )
+    again = _search(family, eval_set, tmp_path / "r", settings)
     assert again.n_new == 0 and len(again.trials) == 256
-
-
-def pd_frame(truth: dict[str, float], family: MatLMFamily) -> Any:
-    return pd.DataFrame(
-        [
-            {"widths": w, "loss": loss, "params": family.param_count(family.parse_widths(w))}
-            for w, loss in truth.items()
-        ]
-    )
 
 
 def test_enumeration_skips_configurations_over_the_limits(
@@ -192,15 +186,8 @@ def test_enumeration_skips_configurations_over_the_limits(
 ) -> None:
     limit = family.param_count([16] * 4)
     settings = SearchSettings(objectives=("loss", "params"), sampler="exhaustive", max_params=limit)
-    result = run_search(
-        family,
-        family.search_space(),
-        settings,
-        eval_set,
-        study_name="s",
-        results_dir=tmp_path / "r",
-    )
-    frame = pd_frame(truth, family)
+    result = _search(family, eval_set, tmp_path / "r", settings)
+    frame = _truth_frame(truth, family)
     within = frame[frame["params"] <= limit]
     assert len(result.trials) == len(within) and result.trials["feasible"].all()
     assert (result.trials["fidelity"] == "full").all()  # exhaustive: no race
@@ -212,14 +199,7 @@ def test_enumeration_with_agreement_objectives(
     family: MatLMFamily, eval_set: EvalSet, tmp_path: Path
 ) -> None:
     settings = SearchSettings(objectives=("kl", "params"), sampler="auto", n_trials=10)
-    result = run_search(
-        family,
-        family.search_space(),
-        settings,
-        eval_set,
-        study_name="s",
-        results_dir=tmp_path / "r",
-    )
+    result = _search(family, eval_set, tmp_path / "r", settings)
     assert result.run_info["strategy"] == {**result.run_info["strategy"], "race": False}
     assert result.trials["kl"].notna().all() and result.trials["disagreement"].notna().all()
     full = result.trials.set_index("widths").loc["64,64,64,64"]
@@ -302,9 +282,7 @@ def test_an_enumeration_never_records_a_configuration_twice(
     from mnm_search.study import CostModel, _Enumerated, open_storage
 
     settings = SearchSettings(objectives=("loss", "params"), n_trials=10)
-    run_search(
-        family, family.search_space(), settings, eval_set, study_name="s", results_dir=tmp_path
-    )
+    _search(family, eval_set, tmp_path, settings)
     study = optuna.load_study(study_name="s", storage=open_storage(None, tmp_path))
     before = len(study.trials)
     enumerated = _Enumerated(

@@ -359,35 +359,33 @@ def print_fresh_validation(fresh: dict[str, Any] | None) -> None:
 
 def print_latency_model_warnings(problems: Sequence[str]) -> None:
     """A prominent box on stderr saying what a bad validation means and what to do."""
-    if not problems:
-        return
-    lines = "\n".join(f"- {escape(text)}" for text in problems)
-    err.print(
-        Panel(
-            f"{lines}\n\nSearch fronts and export latency budgets built on this profile may "
-            f"be wrong. To measure a usable one: stop other jobs (check `uptime`), use a target "
-            f"with `threads: 1`, raise `repeats` in the target YAML, and re-run `mnm profile` "
-            f"without --quick.",
-            title="[bold]Warning: this latency model is unreliable[/]",
-            border_style="yellow",
-        ),
-        highlight=False,
+    _warning_box(
+        problems,
+        "Search fronts and export latency budgets built on this profile may be wrong. To "
+        "measure a usable one: stop other jobs (check `uptime`), use a target with "
+        "`threads: 1`, raise `repeats` in the target YAML, and re-run `mnm profile` without "
+        "--quick.",
+        title="Warning: this latency model is unreliable",
     )
 
 
 def print_fresh_warnings(problems: Sequence[str]) -> None:
     """A box on stderr when exported models in their own processes miss the predictions."""
+    _warning_box(
+        problems,
+        "In-process timings and deployed models disagree: latency budgets may not hold after "
+        "export. Re-run `mnm profile` on an idle machine; if it persists, compare with "
+        "`mnm export` measured latencies.",
+        title="Warning: predictions may not hold in a deployment",
+    )
+
+
+def _warning_box(problems: Sequence[str], advice: str, *, title: str) -> None:
     if not problems:
         return
     lines = "\n".join(f"- {escape(text)}" for text in problems)
     err.print(
-        Panel(
-            f"{lines}\n\nIn-process timings and deployed models disagree: latency budgets "
-            f"may not hold after export. Re-run `mnm profile` on an idle machine; if it "
-            f"persists, compare with `mnm export` measured latencies.",
-            title="[bold]Warning: predictions may not hold in a deployment[/]",
-            border_style="yellow",
-        ),
+        Panel(f"{lines}\n\n{advice}", title=f"[bold]{title}[/]", border_style="yellow"),
         highlight=False,
     )
 
